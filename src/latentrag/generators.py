@@ -1,0 +1,304 @@
+"""The generator p_θ(y_i | x, z, y_<i) behind one small interface, two kinds.
+
+* `Seq2SeqGenerator` — BART/T5 (the paper's generator). The encoder reads "title / text // question"
+  (the format of the paper's released code); the decoder is teacher-forced on the answer.
+* `DecoderOnlyGenerator` — a causal LM. The prompt holds the passage and the question (through the
+  tokenizer's chat template when it has one); the loss covers the answer tokens only.
+
+Every method works on all B·k (question, passage) rows at once: one batched forward, never a loop
+over documents. Shapes: N = B·k rows (row b·k + j is question b with its j-th passage), T answer
+positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from latentrag.assets import resolve_generator
+from latentrag.corpus import Passage
+from latentrag.errors import LatentRagError
+
+
+@dataclass
+class GeneratorBatch:
+    """Tokenised generator inputs for B questions × k passages, and optionally the target answers."""
+
+    input_ids: Tensor  # (N, L)
+    attention_mask: Tensor  # (N, L)
+    k: int
+    targets: Tensor | None = None  # (B, T) answer token ids (padding masked)
+    target_mask: Tensor | None = None  # (B, T)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0] // self.k
+
+
+@dataclass
+class DecodeState:
+    """Incremental decoding state for N rows: model cache and whatever the kind needs to extend it."""
+
+    cache: Any
+    attention_mask: Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _clean_title(title: str) -> str:
+    return title[1:-1] if len(title) > 1 and title.startswith('"') and title.endswith('"') else title
+
+
+class Generator(nn.Module):
+    """The interface: format, teacher-forced log-probs, and cached incremental steps for decoding."""
+
+    kind: str
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, max_input_length: int = 512):
+        super().__init__()
+        self.model, self.tokenizer, self.name, self.max_input_length = model, tokenizer, name, max_input_length
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def save_pretrained(self, directory) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def prepare(self, questions: list[str], passages: list[list[Passage]], answers: list[str] | None = None):
+        raise NotImplementedError
+
+    def vocab_logprobs(self, batch: GeneratorBatch) -> Tensor:
+        """Teacher-forced log p_θ(· | x, z, y_<i) over the vocabulary: (B, k, T, V)."""
+        raise NotImplementedError
+
+    def start(self, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
+        """Read the inputs once; return the state and log-probs of the first answer token (N, V)."""
+        raise NotImplementedError
+
+    def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
+        """Feed one token per row (N,); return the next token's log-probs (N, V)."""
+        raise NotImplementedError
+
+    def select(self, state: DecodeState, rows: Tensor) -> DecodeState:
+        """Keep/reorder/duplicate rows of the state (beam search); rows (N',) index the current rows."""
+        raise NotImplementedError
+
+    def decode_tokens(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _select_cache(cache, rows: Tensor):
+    if cache is None:
+        return None
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(rows)
+        return cache
+    return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
+
+
+class Seq2SeqGenerator(Generator):
+    """BART/T5 via AutoModelForSeq2SeqLM: encoder input "title / text // question", as the paper's code."""
+
+    kind = "seq2seq"
+    title_sep, doc_sep = " / ", " // "
+
+    def format_input(self, question: str, passage: Passage) -> str:
+        prefix = getattr(self.model.config, "prefix", None) or ""
+        text = prefix + _clean_title(passage.title) + self.title_sep + passage.text + self.doc_sep + question
+        return text.replace("  ", " ")
+
+    def prepare(self, questions, passages, answers=None) -> GeneratorBatch:
+        k = len(passages[0])
+        texts = [self.format_input(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_input_length, return_tensors="pt"
+        )
+        batch = GeneratorBatch(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), k)
+        if answers is not None:
+            tgt = self.tokenizer(text_target=list(answers), padding=True, return_tensors="pt")
+            batch.targets, batch.target_mask = tgt["input_ids"].to(self.device), tgt["attention_mask"].to(self.device)
+        return batch
+
+    def _decoder_inputs(self, targets: Tensor) -> Tensor:
+        start = self.model.config.decoder_start_token_id
+        shifted = targets.new_full(targets.shape, self.pad_token_id)
+        shifted[:, 1:] = targets[:, :-1]
+        shifted[:, 0] = start
+        return shifted
+
+    def vocab_logprobs(self, batch: GeneratorBatch) -> Tensor:
+        k = batch.k
+        decoder_input_ids = self._decoder_inputs(batch.targets).repeat_interleave(k, dim=0)
+        decoder_mask = batch.target_mask.repeat_interleave(k, dim=0)
+        decoder_mask[:, 0] = 1
+        logits = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_mask,
+            use_cache=False,
+        ).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return logprobs.view(batch.batch_size, k, *logprobs.shape[1:])
+
+    def start(self, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
+        encoder_outputs = self.model.get_encoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        state = DecodeState(None, batch.attention_mask, {"encoder_outputs": encoder_outputs})
+        first = torch.full(
+            (batch.input_ids.shape[0],), self.model.config.decoder_start_token_id, device=self.device
+        )
+        return self.step(state, first)
+
+    def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
+        out = self.model(
+            encoder_outputs=state.extra["encoder_outputs"],
+            attention_mask=state.attention_mask,
+            decoder_input_ids=tokens.view(-1, 1),
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        state.cache = out.past_key_values
+        return state, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    def select(self, state: DecodeState, rows: Tensor) -> DecodeState:
+        enc = state.extra["encoder_outputs"]
+        enc.last_hidden_state = enc.last_hidden_state.index_select(0, rows)
+        return DecodeState(_select_cache(state.cache, rows), state.attention_mask.index_select(0, rows), state.extra)
+
+
+class DecoderOnlyGenerator(Generator):
+    """A causal LM: prompt = passage + question (chat template if the tokenizer has one), loss on the answer.
+
+    Rows are laid out as [left-padded prompt | right-padded answer], so every prompt ends at the same
+    column and the answer's log-probs sit in one aligned block for all N rows.
+    """
+
+    kind = "decoder-only"
+    instruction = "Answer the question with a short phrase, using the passage if it helps."
+
+    def format_prompt(self, question: str, passage: Passage) -> str:
+        body = f"Title: {_clean_title(passage.title)}\nPassage: {passage.text}\nQuestion: {question}"
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": f"{self.instruction}\n\n{body}"}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{self.instruction}\n\n{body}\nAnswer:"
+
+    def _answer_ids(self, answers: list[str]) -> tuple[Tensor, Tensor]:
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        rows = [
+            self.tokenizer((a.strip() if chat else " " + a.strip()), add_special_tokens=False)["input_ids"]
+            + [self.eos_token_id]
+            for a in answers
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def prepare(self, questions, passages, answers=None) -> GeneratorBatch:
+        k = len(passages[0])
+        prompts = [self.format_prompt(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+        side, tside = self.tokenizer.padding_side, self.tokenizer.truncation_side
+        self.tokenizer.padding_side, self.tokenizer.truncation_side = "left", "left"  # keep the question
+        try:
+            enc = self.tokenizer(
+                prompts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_input_length,
+                add_special_tokens=False,
+                return_tensors="pt",
+            )
+        finally:
+            self.tokenizer.padding_side, self.tokenizer.truncation_side = side, tside
+        batch = GeneratorBatch(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), k)
+        if answers is not None:
+            batch.targets, batch.target_mask = self._answer_ids(list(answers))
+        return batch
+
+    @staticmethod
+    def _positions(mask: Tensor) -> Tensor:
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def vocab_logprobs(self, batch: GeneratorBatch) -> Tensor:
+        k, width = batch.k, batch.input_ids.shape[1]
+        answers = batch.targets.repeat_interleave(k, dim=0)
+        answer_mask = batch.target_mask.repeat_interleave(k, dim=0)
+        input_ids = torch.cat([batch.input_ids, answers[:, :-1]], dim=1)
+        mask = torch.cat([batch.attention_mask, answer_mask[:, :-1]], dim=1)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=self._positions(mask)).logits
+        answer_logits = logits[:, width - 1 :]  # position width-1+t predicts answer token t
+        logprobs = torch.log_softmax(answer_logits.float(), dim=-1)
+        return logprobs.view(batch.batch_size, k, *logprobs.shape[1:])
+
+    def start(self, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
+        mask = batch.attention_mask
+        out = self.model(
+            input_ids=batch.input_ids, attention_mask=mask, position_ids=self._positions(mask), use_cache=True
+        )
+        state = DecodeState(out.past_key_values, mask, {"next_position": mask.sum(-1)})
+        return state, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
+        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], dim=1)
+        position = state.extra["next_position"]
+        out = self.model(
+            input_ids=tokens.view(-1, 1),
+            attention_mask=mask,
+            position_ids=position.view(-1, 1),
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        state = DecodeState(out.past_key_values, mask, {"next_position": position + 1})
+        return state, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    def select(self, state: DecodeState, rows: Tensor) -> DecodeState:
+        return DecodeState(
+            _select_cache(state.cache, rows),
+            state.attention_mask.index_select(0, rows),
+            {"next_position": state.extra["next_position"].index_select(0, rows)},
+        )
+
+
+def load_generator(name_or_path: str, max_input_length: int = 512) -> Generator:
+    """Load a generator, choosing its kind from the config: encoder-decoder -> seq2seq, else decoder-only.
+
+    'smollm2' is the bundled SmolLM2-135M-Instruct (converted once from GGUF and cached).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    resolved = resolve_generator(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        if config.is_encoder_decoder:
+            return Seq2SeqGenerator(
+                AutoModelForSeq2SeqLM.from_pretrained(resolved), tokenizer, name_or_path, max_input_length
+            )
+        return DecoderOnlyGenerator(
+            AutoModelForCausalLM.from_pretrained(resolved), tokenizer, name_or_path, max_input_length
+        )
+    except OSError as e:
+        raise LatentRagError(f"cannot load generator '{name_or_path}': {e}") from e

@@ -1,0 +1,195 @@
+"""`RagModel` = retriever p_η(z|x) + generator p_θ(y_i|x,z,y_<i), with passages as a latent variable.
+
+    model = RagModel.from_components(query_encoder="minilm", generator="smollm2", index="~/.cache/...")
+    model.loss(questions, answers, mode="token")            # −mean log p(y|x), eq. (3)/(4)
+    model.generate(questions, mode="token")                  # answers with their evidence
+    model.swap_index(new_index_dir)                          # new knowledge, no retraining
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from latentrag.corpus import Passage
+from latentrag.encoders import DenseEncoder, freeze
+from latentrag.errors import LatentRagError
+from latentrag.generators import Generator, load_generator
+from latentrag.index import DenseIndex
+from latentrag.rag_types import rag_type
+from latentrag.retriever import RetrievedBatch, Retriever
+
+CONFIG_FILE = "rag_config.json"
+
+
+@dataclass
+class RagConfig:
+    """Plain values with defaults: what to build a RagModel from and how to run it."""
+
+    query_encoder: str = "minilm"
+    document_encoder: str = "minilm"  # the frozen tower that builds indexes this model can use
+    generator: str = "smollm2"
+    mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence)
+    k: int = 5
+    label_smoothing: float = 0.0
+    max_new_tokens: int = 32
+    max_input_length: int = 512
+    document_encoder_identity: dict = field(default_factory=dict)
+
+
+@dataclass
+class Answer:
+    """An answer that shows its evidence: the passages with p(z|x), and the posterior given the answer.
+
+    posterior: RAG-Sequence — p(z|x,y) per passage; RAG-Token — p(z|x,y_≤i) per passage for every
+    generated token (a list of k-lists, aligned with `tokens`).
+    """
+
+    question: str
+    text: str
+    mode: str
+    passages: list[Passage]
+    doc_probs: list[float]
+    posterior: list
+    tokens: list[str]
+    log_prob: float
+
+    def to_json(self) -> dict:
+        return {
+            "question": self.question,
+            "answer": self.text,
+            "mode": self.mode,
+            "log_prob": self.log_prob,
+            "tokens": self.tokens,
+            "passages": [
+                {"id": p.id, "title": p.title, "text": p.text, "probability": prob}
+                for p, prob in zip(self.passages, self.doc_probs, strict=True)
+            ],
+            "posterior": self.posterior,
+        }
+
+
+class RagModel(nn.Module):
+    def __init__(self, retriever: Retriever, generator: Generator, config: RagConfig):
+        super().__init__()
+        self.retriever, self.generator, self.config = retriever, generator, config
+        self._document_encoder: DenseEncoder | None = None
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_components(
+        cls, index: str | Path | DenseIndex | None = None, config: RagConfig | None = None, **overrides
+    ) -> RagModel:
+        """Build from encoder/generator names or paths; by default the bundled MiniLM towers and SmolLM2."""
+        config = config or RagConfig(**overrides)
+        query = DenseEncoder.from_pretrained(config.query_encoder)
+        model = cls(None, load_generator(config.generator, config.max_input_length), config)  # type: ignore[arg-type]
+        if not config.document_encoder_identity:
+            config.document_encoder_identity = model.document_encoder().identity()
+        model.retriever = Retriever(query, config.document_encoder_identity)
+        if index is not None:
+            model.swap_index(index)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, index: str | Path | DenseIndex | None = None) -> RagModel:
+        directory = Path(directory)
+        path = directory / CONFIG_FILE
+        if not path.exists():
+            raise LatentRagError(f"{directory} is not a saved latentrag model (no {CONFIG_FILE})")
+        config = RagConfig(**json.loads(path.read_text()))
+        config.query_encoder = str(directory / "query_encoder")
+        config.generator = str(directory / "generator")
+        return cls.from_components(index=index, config=config)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from latentrag.atomic import atomic_dir
+
+        with atomic_dir(directory) as tmp:
+            self.retriever.query_encoder.save_pretrained(tmp / "query_encoder")
+            self.generator.save_pretrained(tmp / "generator")
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+
+    def document_encoder(self) -> DenseEncoder:
+        """The frozen document tower (loaded on first use: only index building needs it)."""
+        if self._document_encoder is None:
+            self._document_encoder = freeze(DenseEncoder.from_pretrained(self.config.document_encoder))
+        return self._document_encoder
+
+    def swap_index(self, index: str | Path | DenseIndex) -> None:
+        """Replace the knowledge without retraining (paper §4.5): later calls use the new index."""
+        self.retriever.swap_index(index if isinstance(index, DenseIndex) else DenseIndex.load(index))
+
+    # ---- likelihood and loss ------------------------------------------------------------------------
+    def _check(self, mode: str | None, k: int | None) -> tuple[str, int]:
+        mode, k = mode or self.config.mode, k or self.config.k
+        rag_type(mode)
+        if k < 1:
+            raise LatentRagError(f"k must be at least 1, got {k}")
+        return mode, k
+
+    def retrieve(self, questions: list[str], k: int | None = None) -> RetrievedBatch:
+        return self.retriever.retrieve(questions, k or self.config.k)
+
+    def forward(self, questions: list[str], answers: list[str], mode: str | None = None, k: int | None = None,
+                epsilon: float | None = None) -> Tensor:
+        """−log p(y|x) per question (B,), differentiable through the generator and the query tower."""
+        mode, k = self._check(mode, k)
+        if len(answers) != len(questions):
+            raise LatentRagError(f"{len(questions)} questions but {len(answers)} answers")
+        retrieved = self.retrieve(questions, k)
+        batch = self.generator.prepare(retrieved.questions, retrieved.passages, answers)
+        vocab_logprobs = self.generator.vocab_logprobs(batch)
+        eps = self.config.label_smoothing if epsilon is None else epsilon
+        return rag_type(mode).loss(retrieved.log_prior, vocab_logprobs, batch.targets, batch.target_mask.float(), eps)
+
+    def loss(self, questions: list[str], answers: list[str], mode: str | None = None, k: int | None = None,
+             epsilon: float | None = None) -> Tensor:
+        """Eq. (4) averaged over the batch: −(1/B) Σ_j log p(y_j|x_j) (label-smoothed by ε if set)."""
+        return self(questions, answers, mode, k, epsilon).mean()
+
+    # ---- generation ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        questions: list[str] | str,
+        mode: str | None = None,
+        decoding: str = "greedy",
+        num_beams: int = 1,
+        k: int | None = None,
+        max_new_tokens: int | None = None,
+        **kwargs,
+    ) -> list[Answer]:
+        """Answer each question; every answer carries its passages, p(z|x) and the posterior over them."""
+        mode, k = self._check(mode, k)
+        kind = rag_type(mode)
+        kind.check_decoding(decoding)
+        retrieved = self.retrieve(questions if isinstance(questions, list) else [questions], k)
+        batch = self.generator.prepare(retrieved.questions, retrieved.passages)
+        log_prior = retrieved.log_prior.float()
+        decoded = kind.decode(
+            self.generator, batch, log_prior, decoding, num_beams=num_beams,
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens, **kwargs,
+        )
+        answers = []
+        for b, d in enumerate(decoded):
+            lp = d.token_logprobs.unsqueeze(0)  # (1,k,T)
+            mask = torch.ones(1, lp.shape[-1], device=lp.device)
+            posterior = kind.posterior(log_prior[b : b + 1], lp, mask)[0].tolist()
+            answers.append(
+                Answer(
+                    question=retrieved.questions[b],
+                    text=self.generator.decode_tokens(d.token_ids),
+                    mode=mode,
+                    passages=retrieved.passages[b],
+                    doc_probs=log_prior[b].exp().tolist(),
+                    posterior=posterior,
+                    tokens=[self.generator.tokenizer.decode([t]) for t in d.token_ids],
+                    log_prob=d.score,
+                )
+            )
+        return answers
