@@ -1,0 +1,5 @@
+import sys
+
+from latentrag.cli import main
+
+sys.exit(main())

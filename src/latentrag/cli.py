@@ -1,0 +1,158 @@
+"""The command line: a thin layer over the library (every command is one call a user can import)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from latentrag.errors import LatentRagError
+
+SAMPLE_QUESTIONS = [
+    "Who directed the film 2001: A Space Odyssey?",
+    "What is the largest planet in the Solar System?",
+    "Which element has the chemical symbol Fe?",
+]
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def default_index_dir(corpus: str = "wiki-leads") -> Path:
+    from latentrag.assets import cache_dir
+
+    return cache_dir() / "indexes" / f"{corpus}-minilm-flat"
+
+
+def ensure_default_index(progress: bool = True) -> Path:
+    """The bundled wiki-leads index, built once (with a progress bar) and cached."""
+    from latentrag.index import MANIFEST
+
+    directory = default_index_dir()
+    if not (directory / MANIFEST).exists():
+        cmd_index_build(argparse.Namespace(corpus="wiki-leads", out=str(directory), index_type="flat",
+                                           passage_words=100, encoder="minilm", batch_size=64, quiet=not progress))
+    return directory
+
+
+def load_model(args) -> object:
+    from latentrag.model import RagConfig, RagModel
+
+    index = Path(args.index) if getattr(args, "index", None) else ensure_default_index()
+    if getattr(args, "model", None):
+        return RagModel.from_pretrained(args.model, index=index)
+    return RagModel.from_components(index=index, config=RagConfig())
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+def cmd_index_build(args) -> int:
+    from latentrag.corpus import read_corpus, split_passages
+    from latentrag.encoders import DenseEncoder, freeze
+    from latentrag.index import build_index
+
+    out = Path(args.out) if args.out else default_index_dir(args.corpus)
+    encoder = freeze(DenseEncoder.from_pretrained(args.encoder))
+    passages = split_passages(read_corpus(args.corpus), words=args.passage_words)
+    index = build_index(passages, encoder, out, index_type=args.index_type, batch_size=args.batch_size,
+                        progress=not args.quiet)
+    print(f"built {index.manifest.index_type} index of {len(index)} passages (dim {index.dim}) in {out}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    model = load_model(args)
+    answers = model.generate([args.question], mode=args.mode, decoding=args.decoding, num_beams=args.beams,
+                             k=args.k)
+    answer = answers[0]
+    if args.json:
+        print(json.dumps(answer.to_json(), indent=2, ensure_ascii=False))
+        return 0
+    print(f"Q: {answer.question}\nA: {answer.text}\n")
+    for rank, (p, prob) in enumerate(zip(answer.passages, answer.doc_probs, strict=True), start=1):
+        snippet = p.text if len(p.text) <= 160 else p.text[:157] + "..."
+        print(f"  [{rank}] p(z|x)={prob:.3f}  {p.title}: {snippet}")
+    return 0
+
+
+def cmd_worked_examples(args) -> int:
+    from latentrag.worked_examples import render_text, worked_examples
+
+    results = worked_examples()
+    print(json.dumps(results, indent=2) if args.json else render_text(results))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    ensure_default_index()
+    model = load_model(args)
+    for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=5):
+        print(f"Q: {answer.question}\nA: {answer.text}")
+        for p, prob in zip(answer.passages[:3], answer.doc_probs[:3], strict=True):
+            print(f"   p(z|x)={prob:.3f}  {p.title}")
+        print()
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentrag", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: cores owned)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    index = sub.add_parser("index", help="build and inspect dense indexes").add_subparsers(dest="index_command",
+                                                                                            required=True)
+    build = index.add_parser("build", help="encode a corpus into an index folder")
+    build.add_argument("--corpus", default="wiki-leads", help="'wiki-leads' or a path (JSONL)")
+    build.add_argument("--out", default=None, help="index folder (default: the cache)")
+    build.add_argument("--index-type", default="flat")
+    build.add_argument("--passage-words", type=int, default=100)
+    build.add_argument("--encoder", default="minilm", help="document tower (default: bundled MiniLM)")
+    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--quiet", action="store_true")
+    build.set_defaults(func=cmd_index_build)
+
+    ask = sub.add_parser("ask", help="answer a question and show the passages it came from")
+    ask.add_argument("question")
+    ask.add_argument("--mode", choices=["token", "sequence"], default="token")
+    ask.add_argument("--decoding", default="greedy", help="greedy|beam (token), thorough|fast (sequence)")
+    ask.add_argument("--beams", type=int, default=1)
+    ask.add_argument("--k", type=int, default=5)
+    ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
+    ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ask.add_argument("--json", action="store_true")
+    ask.set_defaults(func=cmd_ask)
+
+    worked = sub.add_parser("worked-examples", help="recompute every number of the course seed")
+    worked.add_argument("--json", action="store_true")
+    worked.set_defaults(func=cmd_worked_examples)
+
+    demo = sub.add_parser("demo", help="build the default index if missing and answer three questions")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command != "worked-examples":
+            from latentrag.threads import configure_threads
+
+            configure_threads(args.threads)
+            _quiet_transformers()
+        return args.func(args)
+    except LatentRagError as e:
+        print(f"latentrag: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("latentrag: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
