@@ -1,0 +1,121 @@
+"""The paper's equations checked against values computed by hand from the mathematics."""
+
+import math
+
+import pytest
+import torch
+
+from latentrag import marginals as m
+
+
+def lp(rows):
+    return torch.tensor(rows, dtype=torch.float64).log()
+
+
+def test_retrieval_prior_is_softmax_of_inner_products():
+    # Lesson 2 worked example: q·d = 0.70, 0.55, 0.27
+    scores = torch.tensor([[0.70, 0.55, 0.27]], dtype=torch.float64)
+    z = math.exp(0.70) + math.exp(0.55) + math.exp(0.27)
+    expected = [math.exp(0.70) / z, math.exp(0.55) / z, math.exp(0.27) / z]
+    assert m.retrieval_log_prior(scores).exp()[0].tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_rag_sequence_and_token_two_documents_by_hand():
+    # p(z|x) = (0.6, 0.4); generator probs per doc for y = (Paris, <end>)
+    prior, tok, mask = lp([[0.6, 0.4]]), lp([[[0.8, 0.9], [0.5, 0.7]]]), torch.ones(1, 2, dtype=torch.float64)
+    seq_by_hand = 0.6 * 0.8 * 0.9 + 0.4 * 0.5 * 0.7
+    token_by_hand = (0.6 * 0.8 + 0.4 * 0.5) * (0.6 * 0.9 + 0.4 * 0.7)
+    assert m.rag_sequence_log_likelihood(prior, tok, mask).exp().item() == pytest.approx(seq_by_hand, rel=1e-12)
+    assert m.rag_token_log_likelihood(prior, tok, mask).exp().item() == pytest.approx(token_by_hand, rel=1e-12)
+    assert seq_by_hand == pytest.approx(0.572) and token_by_hand == pytest.approx(0.5576)
+
+
+def test_three_token_exercise_by_hand():
+    prior = lp([[0.6, 0.4]])
+    tok = lp([[[0.70, 0.60, 0.85], [0.40, 0.30, 0.90]]])
+    mask = torch.ones(1, 3, dtype=torch.float64)
+    seq = 0.6 * 0.70 * 0.60 * 0.85 + 0.4 * 0.40 * 0.30 * 0.90  # 0.2574
+    token = (0.6 * 0.7 + 0.4 * 0.4) * (0.6 * 0.6 + 0.4 * 0.3) * (0.6 * 0.85 + 0.4 * 0.9)  # 0.242208
+    assert m.rag_sequence_log_likelihood(prior, tok, mask).exp().item() == pytest.approx(seq, rel=1e-12)
+    assert m.rag_token_log_likelihood(prior, tok, mask).exp().item() == pytest.approx(token, rel=1e-12)
+
+
+def test_padding_positions_contribute_nothing():
+    prior = lp([[0.6, 0.4], [0.5, 0.5]])
+    tok = lp([[[0.8, 0.9, 0.3], [0.5, 0.7, 0.2]], [[0.5, 0.1, 0.1], [0.25, 0.1, 0.1]]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.float64)
+    seq = m.rag_sequence_log_likelihood(prior, tok, mask).exp()
+    assert seq.tolist() == pytest.approx([0.572, 0.5 * 0.5 + 0.5 * 0.25], rel=1e-12)
+
+
+def test_one_token_targets_make_sequence_and_token_identical():
+    torch.manual_seed(0)
+    prior = torch.log_softmax(torch.randn(4, 6, dtype=torch.float64), -1)
+    tok = torch.log_softmax(torch.randn(4, 6, 1, 10, dtype=torch.float64), -1)[..., 3]
+    mask = torch.ones(4, 1, dtype=torch.float64)
+    assert torch.allclose(m.rag_sequence_log_likelihood(prior, tok, mask), m.rag_token_log_likelihood(prior, tok, mask))
+
+
+def test_long_answers_do_not_underflow():
+    # 400 tokens of probability 0.01 under 50 documents: p(y|x) = 1e-800, below float64's range.
+    prior = torch.log_softmax(torch.zeros(1, 50, dtype=torch.float64), -1)
+    tok = torch.full((1, 50, 400), math.log(0.01), dtype=torch.float64)
+    mask = torch.ones(1, 400, dtype=torch.float64)
+    assert m.rag_sequence_log_likelihood(prior, tok, mask).item() == pytest.approx(400 * math.log(0.01))
+    assert m.rag_token_log_likelihood(prior, tok, mask).item() == pytest.approx(400 * math.log(0.01))
+
+
+def test_losses_match_likelihoods_without_smoothing_and_gather_targets():
+    torch.manual_seed(1)
+    prior = torch.log_softmax(torch.randn(2, 3, dtype=torch.float64), -1)
+    vocab = torch.log_softmax(torch.randn(2, 3, 4, 7, dtype=torch.float64), -1)
+    targets = torch.tensor([[1, 2, 3, 0], [6, 5, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float64)
+    token_lp = m.gather_targets(vocab, targets)
+    assert token_lp[1, 2, 1].item() == vocab[1, 2, 1, 5].item()
+    assert torch.allclose(m.rag_sequence_loss(prior, vocab, targets, mask), -m.rag_sequence_log_likelihood(prior, token_lp, mask))
+    assert torch.allclose(m.rag_token_loss(prior, vocab, targets, mask), -m.rag_token_log_likelihood(prior, token_lp, mask))
+
+
+def test_label_smoothing_rag_token_by_hand():
+    # One question, two documents, one position, vocabulary of 2: p1 = (0.9, 0.1), p2 = (0.3, 0.7).
+    prior, eps = lp([[0.6, 0.4]]), 0.1
+    vocab = lp([[[[0.9, 0.1]], [[0.3, 0.7]]]])
+    marginal = [0.6 * 0.9 + 0.4 * 0.3, 0.6 * 0.1 + 0.4 * 0.7]  # (0.66, 0.34)
+    expected = (1 - eps) * -math.log(marginal[0]) + (eps / 2) * -(math.log(marginal[0]) + math.log(marginal[1]))
+    got = m.rag_token_loss(prior, vocab, torch.tensor([[0]]), torch.ones(1, 1, dtype=torch.float64), eps)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_label_smoothing_rag_sequence_by_hand():
+    prior, eps = lp([[0.6, 0.4]]), 0.1
+    vocab = lp([[[[0.9, 0.1]], [[0.3, 0.7]]]])
+    nll = -math.log(0.6 * 0.9 + 0.4 * 0.3)
+    # smoothing term: logsumexp_z [ V log p(z|x) + Σ_v log p_θ(v|x,z) ] with V = 2
+    smooth = math.log(0.6**2 * 0.9 * 0.1 + 0.4**2 * 0.3 * 0.7)
+    expected = (1 - eps) * nll - (eps / 2) * smooth
+    got = m.rag_sequence_loss(prior, vocab, torch.tensor([[0]]), torch.ones(1, 1, dtype=torch.float64), eps)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_posteriors_by_bayes_rule():
+    prior, tok = lp([[0.6, 0.4]]), lp([[[0.8, 0.9], [0.5, 0.7]]])
+    mask = torch.ones(1, 2, dtype=torch.float64)
+    seq_post = m.sequence_posterior(prior, m.sequence_log_likelihood(tok, mask))[0].tolist()
+    joint = [0.6 * 0.72, 0.4 * 0.35]
+    assert seq_post == pytest.approx([j / sum(joint) for j in joint], rel=1e-12)
+    tok_post = m.token_posterior(prior, tok)[0]  # (T,k)
+    assert tok_post.shape == (2, 2)
+    assert tok_post[0].tolist() == pytest.approx([0.48 / 0.68, 0.20 / 0.68], rel=1e-12)
+    assert tok_post[1].tolist() == pytest.approx([0.54 / 0.82, 0.28 / 0.82], rel=1e-12)
+
+
+def test_gradient_flows_to_retrieval_scores():
+    scores = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    tok = lp([[[0.9], [0.1]]])
+    loss = -m.rag_sequence_log_likelihood(m.retrieval_log_prior(scores), tok, torch.ones(1, 1, dtype=torch.float64))
+    loss.backward()
+    # d(−log Σ softmax(s)_z a_z)/ds_1 = p(z1|x) − p(z1|x,y) < 0: raising the helpful document's score lowers the loss
+    p1 = math.exp(1) / (math.exp(1) + 1)
+    post1 = p1 * 0.9 / (p1 * 0.9 + (1 - p1) * 0.1)
+    assert scores.grad[0, 0].item() == pytest.approx(p1 - post1, rel=1e-10)
