@@ -248,15 +248,24 @@ class DecoderOnlyGenerator(Generator):
         answer_mask = batch.target_mask.repeat_interleave(k, dim=0)
         input_ids = torch.cat([batch.input_ids, answers[:, :-1]], dim=1)
         mask = torch.cat([batch.attention_mask, answer_mask[:, :-1]], dim=1)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=self._positions(mask)).logits
-        answer_logits = logits[:, width - 1 :]  # position width-1+t predicts answer token t
+        # position width-1+t predicts answer token t: only those T positions need the vocabulary projection
+        answer_logits = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=self._positions(mask),
+            logits_to_keep=input_ids.shape[1] - (width - 1),
+        ).logits
         logprobs = torch.log_softmax(answer_logits.float(), dim=-1)
         return logprobs.view(batch.batch_size, k, *logprobs.shape[1:])
 
     def start(self, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
         mask = batch.attention_mask
         out = self.model(
-            input_ids=batch.input_ids, attention_mask=mask, position_ids=self._positions(mask), use_cache=True
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=self._positions(mask),
+            use_cache=True,
+            logits_to_keep=1,
         )
         state = DecodeState(out.past_key_values, mask, {"next_position": mask.sum(-1)})
         return state, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
