@@ -126,14 +126,14 @@ class RagModel(nn.Module):
 
     # ---- likelihood and loss ------------------------------------------------------------------------
     def _check(self, mode: str | None, k: int | None) -> tuple[str, int]:
-        mode, k = mode or self.config.mode, k or self.config.k
+        mode, k = mode or self.config.mode, self.config.k if k is None else k
         rag_type(mode)
         if k < 1:
             raise LatentRagError(f"k must be at least 1, got {k}")
         return mode, k
 
     def retrieve(self, questions: list[str], k: int | None = None) -> RetrievedBatch:
-        return self.retriever.retrieve(questions, k or self.config.k)
+        return self.retriever.retrieve(questions, self.config.k if k is None else k)
 
     def forward(self, questions: list[str], answers: list[str], mode: str | None = None, k: int | None = None,
                 epsilon: float | None = None) -> Tensor:
