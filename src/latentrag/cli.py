@@ -88,6 +88,42 @@ def cmd_worked_examples(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Evaluate (or, with --predictions, re-score) on a QA data set; one run per --k value."""
+    from latentrag.evaluate import EvalSettings, evaluate, rescore, select_examples
+    from latentrag.report import write_comparison_report
+
+    if args.predictions:
+        result = rescore(args.predictions, args.out)
+        print(json.dumps(result["metrics"], indent=2))
+        return 0
+    if not args.dataset:
+        raise LatentRagError("give --dataset NAME|PATH.jsonl to evaluate, or --predictions FILE to re-score")
+    model = load_model(args)
+    ks = args.k or [5]
+    base = Path(args.out) if args.out else Path("eval-runs") / (
+        f"{Path(args.dataset).stem}-{'closed-book' if args.closed_book else args.mode}")
+    results = []
+    for k in ks:
+        settings = EvalSettings(
+            dataset=args.dataset, mode=args.mode, decoding=args.decoding, num_beams=args.beams, k=k,
+            closed_book=args.closed_book, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            answerable_only=args.answerable_only, limit=args.limit,
+        )
+        index = None if args.closed_book and not args.answerable_only else model.retriever.index
+        examples, info = select_examples(settings, index, progress=True)
+        out = base if len(ks) == 1 else base / f"k{k}"
+        result = evaluate(model, settings, out, resume=args.resume, examples=examples, info=info)
+        results.append(result)
+        print(f"{result['label']}: wrote {out}/metrics.json and {out}/report.md", file=sys.stderr)
+    if len(ks) > 1:
+        write_comparison_report(base / "report.md", results, f"Evaluation on {args.dataset} against k",
+                                sweep=results, figures_dir=base / "figures")
+        print(f"comparison over k: {base}/report.md", file=sys.stderr)
+    print(json.dumps({r["label"]: r["metrics"] for r in results}, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     ensure_default_index()
     model = load_model(args)
@@ -134,6 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build the default index if missing and answer three questions")
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="evaluate on a QA data set (EM, F1, recall@k, BLEU, ...) or re-score")
+    ev.add_argument("--dataset", default=None, help="nq-test, trivia-test, wq-test, curated-test, ... or a .jsonl")
+    ev.add_argument("--predictions", default=None, help="re-score this predictions.jsonl without generating")
+    ev.add_argument("--answerable-only", action="store_true",
+                    help="keep questions with a gold answer in some passage of the index")
+    ev.add_argument("--limit", type=int, default=None, help="first N questions (after the answerable filter)")
+    ev.add_argument("--mode", choices=["token", "sequence"], default="token")
+    ev.add_argument("--decoding", default="greedy", help="greedy|beam (token), thorough|fast (sequence)")
+    ev.add_argument("--beams", type=int, default=1)
+    ev.add_argument("--k", type=int, nargs="+", default=None, help="passages per question; several = a sweep")
+    ev.add_argument("--closed-book", action="store_true", help="the generator alone, no retrieval")
+    ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
+    ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    ev.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
+    ev.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,465 @@
+"""Evaluation as the paper reports it: open-domain QA (EM, F1, answer recall@k), generation (BLEU, ROUGE-L,
+Q-BLEU-1, distinct-n) and classification (label accuracy), for RAG-Token, RAG-Sequence and the closed-book
+("parametric only") baseline that uses the same generator with no passages.
+
+    settings = EvalSettings(dataset="nq-test", mode="token", k=5, answerable_only=True, limit=500)
+    metrics = evaluate(model, settings, out_dir="runs/nq-token")   # predictions.jsonl, metrics.json, report.md
+    metrics = rescore("runs/nq-token/predictions.jsonl")            # re-score without generating
+
+A run appends its predictions in batches (flushed and fsynced), so an interrupted run continues with
+`resume=True`, skipping the questions already answered; metrics and report are written atomically at the
+end. With the 10k-passage default corpus only some questions can be answered from the index:
+`answerable_only` keeps those with a gold answer in some passage (DPR's `has_answer`), and every output
+says so and how many questions remain.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import json
+import os
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from latentrag import metrics as M
+from latentrag.assets import cache_dir
+from latentrag.atomic import atomic_write_text
+from latentrag.datasets import DATASETS, QAExample, load_dataset
+from latentrag.errors import LatentRagError
+
+PREDICTIONS, METRICS, RUN, REPORT = "predictions.jsonl", "metrics.json", "run.json", "report.md"
+RECALL_KS = (1, 5, 10, 20)
+CLOSED_BOOK_INSTRUCTION = "Answer the question with a short phrase."
+
+
+@dataclass
+class EvalSettings:
+    """What one evaluation run is: data, model type, decoding. Plain values, saved as run.json."""
+
+    dataset: str
+    mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence); ignored when closed_book
+    decoding: str = "greedy"
+    num_beams: int = 1
+    k: int = 5
+    closed_book: bool = False
+    max_new_tokens: int = 24
+    batch_size: int = 4
+    answerable_only: bool = False
+    limit: int | None = None
+    recall_ks: tuple[int, ...] = RECALL_KS
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.closed_book:
+            return "closed-book"
+        beams = f", {self.num_beams} beams" if self.num_beams > 1 else ""
+        return f"RAG-{self.mode.title()} ({self.decoding}{beams}, k={self.k})"
+
+    def key(self) -> dict:
+        """What must match for `resume` to continue a run (batch size and extras may change)."""
+        d = asdict(self)
+        d.pop("batch_size")
+        d.pop("extra")
+        d["recall_ks"] = list(self.recall_ks)
+        return d
+
+
+# ---- answerable questions ---------------------------------------------------------------------------
+class AnswerFinder:
+    """Does a gold answer occur in some passage of a collection? DPR's `has_answer`, fast over many questions.
+
+    Each passage is tokenised once (DPR's tokenizer) into " tok tok ... " — tokens never contain spaces,
+    so token-sequence containment is substring containment of " a b c ". An inverted index (token ->
+    passages) narrows each answer to the passages holding its rarest token. Regex answers (CuratedTrec)
+    are searched once over all passages joined, and each hit is confirmed on its own passage.
+    """
+
+    _SEP = "\n\x00\n"
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts = list(texts)
+        self._joined: list[str] = []
+        self._postings: dict[str, list[int]] = {}
+        for i, text in enumerate(self.texts):
+            tokens = M.dpr_tokens(text)
+            self._joined.append(" " + " ".join(tokens) + " ")
+            for t in set(tokens):
+                self._postings.setdefault(t, []).append(i)
+        self._big: str | None = None
+        self._starts: list[int] = []
+
+    def _passage_at(self, position: int) -> int:
+        return bisect.bisect_right(self._starts, position) - 1
+
+    def _regex_contains(self, patterns: Sequence[str]) -> bool:
+        import regex as regex_lib
+
+        if self._big is None:
+            parts, start = [], 0
+            for text in self.texts:
+                self._starts.append(start)
+                nfd = unicodedata.normalize("NFD", text)
+                parts.append(nfd)
+                start += len(nfd) + len(self._SEP)
+            self._big = self._SEP.join(parts)
+        for pattern in patterns:
+            try:
+                compiled = regex_lib.compile(
+                    unicodedata.normalize("NFD", pattern),
+                    flags=regex_lib.IGNORECASE | regex_lib.UNICODE | regex_lib.MULTILINE,
+                )
+            except Exception:  # as DPR: a pattern that does not compile matches nothing
+                continue
+            seen: set[int] = set()
+            for m in compiled.finditer(self._big, overlapped=True):
+                i = self._passage_at(m.start())
+                if i in seen:
+                    continue
+                seen.add(i)
+                if M.has_answer(self.texts[i], [pattern], regex=True):
+                    return True
+        return False
+
+    def contains(self, golds: M.Golds, regex: bool = False) -> bool:
+        golds = [golds] if isinstance(golds, str) else list(golds)
+        if regex:
+            return self._regex_contains(golds)
+        for answer in golds:
+            tokens = M.dpr_tokens(answer)
+            if not tokens:
+                continue
+            candidates = min((self._postings.get(t, ()) for t in set(tokens)), key=len)
+            needle = " " + " ".join(tokens) + " "
+            if any(needle in self._joined[i] for i in candidates):
+                return True
+        return False
+
+
+def _examples_key(examples: Sequence[QAExample]) -> str:
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.id, ex.question, ex.answers, ex.regex], ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+def _store_key(index) -> str:
+    """Identity of an index's passage store: its path, size and modification time (rebuilds change it)."""
+    path = Path(index.store.path).resolve()
+    st = path.stat()
+    return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|{len(index.store)}".encode()).hexdigest()[:16]
+
+
+def answerable_ids(
+    examples: Sequence[QAExample], index, dataset: str = "dataset", use_cache: bool = True, progress: bool = False
+) -> set[str]:
+    """Ids of the questions with a gold answer in some passage of `index`, cached per (dataset, index)."""
+    stem = Path(dataset).stem if dataset not in DATASETS else dataset
+    cache = cache_dir() / "answerable" / f"{stem}-{_examples_key(examples)}-{_store_key(index)}.json"
+    if use_cache and cache.is_file():
+        try:
+            return set(json.loads(cache.read_text())["answerable_ids"])
+        except (json.JSONDecodeError, KeyError):
+            pass  # a damaged cache entry is recomputed
+    from tqdm.auto import tqdm
+
+    finder = AnswerFinder(p.text for p in index.store)
+    ids = [
+        ex.id
+        for ex in tqdm(examples, desc="answerable", disable=not progress, unit="q")
+        if finder.contains(ex.answers, ex.regex)
+    ]
+    if use_cache:
+        record = {"dataset": dataset, "index": str(index.directory), "total": len(examples), "answerable_ids": ids}
+        with contextlib.suppress(OSError):  # a read-only cache costs time, not correctness
+            atomic_write_text(cache, json.dumps(record))
+    return set(ids)
+
+
+def select_examples(
+    settings: EvalSettings, index=None, progress: bool = False
+) -> tuple[list[QAExample], dict]:
+    """The questions a run evaluates (answerable filter first, then the limit) and what was kept."""
+    examples = load_dataset(settings.dataset)
+    info = {"dataset": settings.dataset, "total_questions": len(examples), "answerable_only": settings.answerable_only}
+    if settings.answerable_only:
+        if index is None:
+            raise LatentRagError("--answerable-only needs an index to check the passages against")
+        keep = answerable_ids(examples, index, settings.dataset, progress=progress)
+        examples = [ex for ex in examples if ex.id in keep]
+        info["answerable_questions"] = len(examples)
+    if settings.limit is not None:
+        examples = examples[: settings.limit]
+    info["evaluated_questions"] = len(examples)
+    info["labels"] = _has_labels(settings.dataset)
+    if not examples:
+        raise LatentRagError(f"no questions left to evaluate in {settings.dataset} (after filter and limit)")
+    return examples, info
+
+
+def _has_labels(dataset: str) -> bool:
+    """A JSONL whose records give a one-token `label` (FEVER-style classification): report label accuracy."""
+    path = Path(dataset)
+    if dataset in DATASETS or path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                return isinstance(record, dict) and "label" in record
+    return False
+
+
+# ---- closed-book baseline ---------------------------------------------------------------------------
+def closed_book_batch(generator, questions: list[str]):
+    """Generator inputs with no passage (k=1): the question alone for seq2seq; for a decoder-only LM the
+    RAG prompt without its Title/Passage lines (same chat template, instruction without the passage)."""
+    from latentrag.generators import GeneratorBatch
+
+    if generator.kind == "seq2seq":
+        prefix = getattr(generator.model.config, "prefix", None) or ""
+        texts, side = [prefix + q for q in questions], None
+    else:
+        tok = generator.tokenizer
+        body = f"{CLOSED_BOOK_INSTRUCTION}\n\nQuestion: {{q}}"
+        if getattr(tok, "chat_template", None):
+            texts = [
+                tok.apply_chat_template([{"role": "user", "content": body.format(q=q)}], tokenize=False,
+                                        add_generation_prompt=True)
+                for q in questions
+            ]
+        else:
+            texts = [body.format(q=q) + "\nAnswer:" for q in questions]
+        side = "left"
+    tok = generator.tokenizer
+    old = tok.padding_side, tok.truncation_side
+    if side:
+        tok.padding_side = tok.truncation_side = side
+    try:
+        enc = tok(texts, padding=True, truncation=True, max_length=generator.max_input_length,
+                  add_special_tokens=generator.kind == "seq2seq", return_tensors="pt")
+    finally:
+        tok.padding_side, tok.truncation_side = old
+    return GeneratorBatch(enc["input_ids"].to(generator.device), enc["attention_mask"].to(generator.device), 1)
+
+
+@torch.inference_mode()
+def closed_book_generate(generator, questions: list[str], max_new_tokens: int = 24) -> list[str]:
+    """The paper's parametric-only baseline: greedy decoding with the generator alone, no retrieval.
+
+    With one "document" of prior 1, RAG-Token's marginal is the generator's own distribution, so the
+    shared greedy decoder is reused (log p(z|x) = 0 for the single empty context).
+    """
+    from latentrag.decoding import rag_token_greedy
+
+    if not questions:
+        return []
+    batch = closed_book_batch(generator, questions)
+    log_prior = torch.zeros(len(questions), 1, device=generator.device)
+    decoded = rag_token_greedy(generator, batch, log_prior, max_new_tokens)
+    return [generator.decode_tokens(d.token_ids) for d in decoded]
+
+
+# ---- one run ----------------------------------------------------------------------------------------
+def _predict(model, examples: list[QAExample], settings: EvalSettings) -> list[dict]:
+    questions = [ex.question for ex in examples]
+    if settings.closed_book:
+        texts = closed_book_generate(model.generator, questions, settings.max_new_tokens)
+        answers, retrieved = [None] * len(examples), [[] for _ in examples]
+    else:
+        depth = min(max(max(settings.recall_ks), settings.k), len(model.retriever.index))
+        retrieved = model.retrieve(questions, k=depth).passages
+        answers = model.generate(questions, mode=settings.mode, decoding=settings.decoding,
+                                 num_beams=settings.num_beams, k=settings.k,
+                                 max_new_tokens=settings.max_new_tokens)
+        texts = [a.text for a in answers]
+    records = []
+    for ex, text, answer, ranked in zip(examples, texts, answers, retrieved, strict=True):
+        passages = [] if answer is None else [
+            {"id": p.id, "title": p.title, "text": p.text, "probability": prob}
+            for p, prob in zip(answer.passages, answer.doc_probs, strict=True)
+        ]
+        records.append(score_record({
+            "id": ex.id,
+            "question": ex.question,
+            "gold": ex.answers,
+            "regex": ex.regex,
+            "prediction": text,
+            "passages": passages,
+            "retrieved": [
+                {"id": p.id, "title": p.title, "has_answer": M.has_answer(p.text, ex.answers, ex.regex)}
+                for p in ranked
+            ],
+        }))
+    return records
+
+
+def score_record(record: dict) -> dict:
+    """Per-question scores: `correct` (EM, or regex match for CuratedTrec), `f1`, `answer_contained`."""
+    pred, golds, regex = record["prediction"], record["gold"], record.get("regex", False)
+    record["correct"] = M.regex_match(pred, golds) if regex else M.exact_match(pred, golds)
+    record["f1"] = None if regex else M.token_f1(pred, golds)
+    record["answer_contained"] = float(M.has_answer(pred, golds, regex))
+    return record
+
+
+def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
+    """Records of a predictions file. A torn last line (a crash mid-write) is dropped, and with `repair`
+    cut from the file so appends continue cleanly; a bad line elsewhere is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise LatentRagError(f"predictions file {path} not found: check the path")
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, good_bytes = [], 0
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):  # the torn last line of an interrupted append
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(good_bytes)
+                break
+            raise LatentRagError(f"{path}:{lineno}: malformed prediction record ({e.msg})") from e
+        good_bytes += len(line) + 1
+    return records
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evaluate(
+    model,
+    settings: EvalSettings,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    examples: list[QAExample] | None = None,
+    info: dict | None = None,
+) -> dict:
+    """Run `model` over the data set; write predictions.jsonl, metrics.json and report.md in `out_dir`."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    if examples is None:
+        index = None if settings.closed_book and not settings.answerable_only else model.retriever.index
+        examples, info = select_examples(settings, index, progress=progress)
+    info = dict(info or {"dataset": settings.dataset, "evaluated_questions": len(examples)})
+    predictions, run_file = out / PREDICTIONS, out / RUN
+    run = {"settings": settings.key(), "label": settings.label, "data": info, **settings.extra}
+    if predictions.exists():
+        if not resume:
+            raise LatentRagError(
+                f"{predictions} already exists: pass --resume to continue that run, or choose another --out"
+            )
+        if run_file.is_file():
+            previous = json.loads(run_file.read_text())
+            if previous.get("settings") != run["settings"]:
+                raise LatentRagError(
+                    f"{out} holds a run with other settings ({previous.get('label')}, "
+                    f"{previous.get('settings')}); resume it with the same options or choose another --out"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_file, json.dumps(run, indent=2))
+    done = {r["id"]: r for r in read_predictions(predictions, repair=True)} if predictions.exists() else {}
+    wanted = {ex.id for ex in examples}
+    todo = [ex for ex in examples if ex.id not in done]
+    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=settings.label, unit="q",
+               disable=not progress)
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()  # no dropout: predictions must not depend on how the run was batched or resumed
+    try:
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start : start + settings.batch_size]
+            records = _predict(model, batch, settings)
+            _append(predictions, records)
+            done.update((r["id"], r) for r in records)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
+    records = [done[ex.id] for ex in examples if ex.id in wanted]
+    return finish(records, out, run)
+
+
+def finish(records: list[dict], out: Path, run: dict) -> dict:
+    """Score the records and write metrics.json and report.md atomically."""
+    from latentrag.report import write_run_report
+
+    result = {**run, "metrics": score_records(records, run.get("settings", {}).get("recall_ks", RECALL_KS),
+                                             labels=run.get("data", {}).get("labels", False))}
+    result["data"] = {**run.get("data", {}), "evaluated_questions": len(records)}
+    atomic_write_text(out / METRICS, json.dumps(result, indent=2))
+    write_run_report(out, result)
+    return result
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def score_records(records: list[dict], recall_ks: Sequence[int] = RECALL_KS, labels: bool = False) -> dict:
+    """All metrics over prediction records (see the module docstring); None where a metric does not apply."""
+    if not records:
+        raise LatentRagError("no predictions to score")
+    records = [score_record(dict(r)) for r in records]
+    preds = [r["prediction"] for r in records]
+    plain = [r for r in records if not r.get("regex", False)]
+    out: dict = {
+        "n": len(records),
+        "exact_match": _mean([r["correct"] for r in records]),
+        "regex_match": _mean([r["correct"] for r in records if r.get("regex", False)]),
+        "f1": _mean([r["f1"] for r in plain]),
+        "answer_contained": _mean([r["answer_contained"] for r in records]),
+        "mean_prediction_words": _mean([len(p.split()) for p in preds]),
+    }
+    ranked = [r.get("retrieved") or [] for r in records]
+    if all(ranked):
+        depth = min(len(x) for x in ranked)
+        first = [next((i for i, p in enumerate(x) if p["has_answer"]), None) for x in ranked]
+        out["answer_recall"] = {
+            str(k): sum(f is not None and f < k for f in first) / len(records) for k in sorted(recall_ks) if k <= depth
+        }
+    else:
+        out["answer_recall"] = None
+    if plain:
+        plain_preds, refs = [r["prediction"] for r in plain], [r["gold"] for r in plain]
+        out.update(M.bleu(plain_preds, refs))
+        out["rouge_l"] = M.rouge_l(plain_preds, refs)
+        out["q_bleu1"] = M.q_bleu1(plain_preds, refs)
+    for n in (1, 2, 3):
+        out[f"distinct_{n}"] = M.distinct_n(preds, n)
+    out["label_accuracy"] = M.label_accuracy(preds, [r["gold"][0] for r in records]) if labels else None
+    return out
+
+
+def rescore(predictions: str | Path, out_dir: str | Path | None = None) -> dict:
+    """Re-score an existing predictions file (no generation); writes metrics.json and report.md."""
+    predictions = Path(predictions)
+    records = read_predictions(predictions)
+    if not records:
+        raise LatentRagError(f"{predictions} holds no predictions")
+    out = Path(out_dir) if out_dir else predictions.parent
+    run_file = predictions.parent / RUN
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {
+        "label": predictions.stem, "settings": {"recall_ks": list(RECALL_KS)}, "data": {"dataset": str(predictions)}
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    return finish(records, out, run)
