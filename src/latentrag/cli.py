@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep questions with a gold answer in some passage of the index")
     ev.add_argument("--limit", type=int, default=None, help="first N questions (after the answerable filter)")
     ev.add_argument("--mode", choices=["token", "sequence"], default="token")
-    ev.add_argument("--decoding", default="greedy", help="greedy|beam (token), thorough|fast (sequence)")
-    ev.add_argument("--beams", type=int, default=1)
+    ev.add_argument("--decoding", default=None,
+                    help="greedy|beam (token, default greedy), thorough|fast (sequence, default thorough)")
+    ev.add_argument("--beams", type=int, default=None, help="beams (default: 1 for greedy, else the model's)")
     ev.add_argument("--k", type=int, nargs="+", default=None, help="passages per question; several = a sweep")
     ev.add_argument("--closed-book", action="store_true", help="the generator alone, no retrieval")
     ev.add_argument("--max-new-tokens", type=int, default=24)

@@ -44,8 +44,8 @@ class EvalSettings:
 
     dataset: str
     mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence); ignored when closed_book
-    decoding: str = "greedy"
-    num_beams: int = 1
+    decoding: str | None = None  # None: the mode's default (RAG-Token greedy, RAG-Sequence thorough)
+    num_beams: int | None = None  # None: the decoding's default (1 for greedy, else the model's)
     k: int = 5
     closed_book: bool = False
     max_new_tokens: int = 24
@@ -55,11 +55,19 @@ class EvalSettings:
     recall_ks: tuple[int, ...] = RECALL_KS
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if not self.closed_book and self.decoding is None:
+            from latentrag.rag_types import rag_type
+
+            kind = rag_type(self.mode)
+            self.decoding = getattr(kind, "default_decoding", None) or kind.decodings[0]
+        self.recall_ks = tuple(self.recall_ks)
+
     @property
     def label(self) -> str:
         if self.closed_book:
             return "closed-book"
-        beams = f", {self.num_beams} beams" if self.num_beams > 1 else ""
+        beams = f", {self.num_beams} beams" if self.num_beams and self.num_beams > 1 else ""
         return f"RAG-{self.mode.title()} ({self.decoding}{beams}, k={self.k})"
 
     def key(self) -> dict:
@@ -78,7 +86,7 @@ class AnswerFinder:
     Each passage is tokenised once (DPR's tokenizer) into " tok tok ... " — tokens never contain spaces,
     so token-sequence containment is substring containment of " a b c ". An inverted index (token ->
     passages) narrows each answer to the passages holding its rarest token. Regex answers (CuratedTrec)
-    are searched once over all passages joined, and each hit is confirmed on its own passage.
+    are searched over all passages joined, and each hit is confirmed on its own passage.
     """
 
     _SEP = "\n\x00\n"
@@ -117,14 +125,16 @@ class AnswerFinder:
                 )
             except Exception:  # as DPR: a pattern that does not compile matches nothing
                 continue
-            seen: set[int] = set()
-            for m in compiled.finditer(self._big, overlapped=True):
+            position = 0
+            while (m := compiled.search(self._big, position)) is not None:
+                # The hit's passage is searched on its own (exact: a hit spanning two passages is not
+                # one); if it has no match, no later match starts inside it, so go on from the next.
                 i = self._passage_at(m.start())
-                if i in seen:
-                    continue
-                seen.add(i)
                 if M.has_answer(self.texts[i], [pattern], regex=True):
                     return True
+                if i + 1 >= len(self._starts):
+                    break
+                position = self._starts[i + 1]
         return False
 
     def contains(self, golds: M.Golds, regex: bool = False) -> bool:
