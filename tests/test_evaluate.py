@@ -295,3 +295,13 @@ def test_unknown_dataset_and_empty_selection_are_user_errors(toy, tmp_path):
 
 def test_examples_ids_are_unique_in_a_dataset():
     assert len({QAExample("q", ["a"], id=f"d-{i}").id for i in range(3)}) == 3
+
+
+@pytest.mark.skipif(not __import__("latentrag.rag_types").rag_types.rag_type("sequence").decodings,
+                    reason="RAG-Sequence decoding is not in this version")
+def test_rag_sequence_runs_through_the_generate_interface(toy, tmp_path):
+    model, data = toy
+    s = settings(data, mode="sequence", decoding="fast", num_beams=2, limit=3)
+    result = evaluate(model, s, tmp_path / "seq", progress=False)
+    assert result["label"] == "RAG-Sequence (fast, 2 beams, k=3)" and result["metrics"]["n"] == 3
+    assert EvalSettings(dataset="x", mode="sequence").decoding == "thorough"
