@@ -12,6 +12,7 @@ positions, V vocabulary.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,23 +96,59 @@ class Generator(nn.Module):
         raise NotImplementedError
 
     def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
-        """Feed one token per row (N,); return the next token's log-probs (N, V)."""
+        """Feed one token per row (N,) and return the next token's log-probs (N, V); or feed T tokens per row
+        (N, T) at once (teacher forcing from a cached prefix) and return the log-probs after each (N, T, V)."""
         raise NotImplementedError
 
-    def select(self, state: DecodeState, rows: Tensor) -> DecodeState:
-        """Keep/reorder/duplicate rows of the state (beam search); rows (N',) index the current rows."""
+    def select(self, state: DecodeState, rows: Tensor, same_context: bool = False) -> DecodeState:
+        """A new state holding rows (N',) of `state` (keep/reorder/duplicate, for beam search); `state` itself
+        is left untouched. same_context=True promises that new row i reads the same (question, passage) as
+        old row i (beams reordered within a group), so per-context parts (encoder outputs, cross-attention
+        keys/values) are shared instead of copied."""
         raise NotImplementedError
+
+    def fork(self, state: DecodeState) -> DecodeState:
+        """An independent copy of `state` that later steps can extend without changing `state` (no data copied)."""
+        return DecodeState(_fork_cache(state.cache), state.attention_mask, dict(state.extra))
+
+    @property
+    def answer_prefix(self) -> list[int]:
+        """Tokens every answer starts with in this generator's target format (BART's <s>), which decoding
+        forces rather than scores: y is the answer after them. Empty for decoder-only models and T5."""
+        return []
 
     def decode_tokens(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def _select_cache(cache, rows: Tensor):
+def _fork_cache(cache):
+    """A cache object of its own over the same tensors: layers rebind (torch.cat) rather than write in place."""
+    from transformers.cache_utils import Cache, EncoderDecoderCache
+
+    if isinstance(cache, EncoderDecoderCache):
+        return EncoderDecoderCache(_fork_cache(cache.self_attention_cache), cache.cross_attention_cache)
+    if isinstance(cache, Cache):
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+        return new
+    return cache
+
+
+def _select_cache(cache, rows: Tensor, keep_cross: bool = False):
+    """A new cache with rows (N',) of `cache`; the original is not modified. keep_cross shares the
+    cross-attention part (valid when every new row reads the same encoder context as the old row)."""
+    from transformers.cache_utils import Cache, EncoderDecoderCache
+
     if cache is None:
         return None
-    if hasattr(cache, "reorder_cache"):
-        cache.reorder_cache(rows)
-        return cache
+    if isinstance(cache, EncoderDecoderCache):
+        cross = cache.cross_attention_cache if keep_cross else _select_cache(cache.cross_attention_cache, rows)
+        return EncoderDecoderCache(_select_cache(cache.self_attention_cache, rows), cross)
+    if isinstance(cache, Cache):
+        new = _fork_cache(cache)
+        for layer in new.layers:
+            layer.reorder_cache(rows)  # rebinds keys/values to index_select copies
+        return new
     return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
 
 
@@ -168,21 +205,36 @@ class Seq2SeqGenerator(Generator):
         )
         return self.step(state, first)
 
+    @property
+    def answer_prefix(self) -> list[int]:
+        if not hasattr(self, "_answer_prefix"):
+            bos = self.tokenizer.bos_token_id
+            ids = self.tokenizer(text_target="a")["input_ids"]
+            self._answer_prefix = [bos] if bos is not None and ids and ids[0] == bos else []
+        return self._answer_prefix
+
     def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
         out = self.model(
             encoder_outputs=state.extra["encoder_outputs"],
             attention_mask=state.attention_mask,
-            decoder_input_ids=tokens.view(-1, 1),
+            decoder_input_ids=tokens.view(tokens.shape[0], -1),
             past_key_values=state.cache,
             use_cache=True,
         )
         state.cache = out.past_key_values
-        return state, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        logits = out.logits[:, -1] if tokens.dim() == 1 else out.logits
+        return state, torch.log_softmax(logits.float(), dim=-1)
 
-    def select(self, state: DecodeState, rows: Tensor) -> DecodeState:
+    def select(self, state: DecodeState, rows: Tensor, same_context: bool = False) -> DecodeState:
+        if same_context:
+            return DecodeState(_select_cache(state.cache, rows, keep_cross=True), state.attention_mask,
+                               dict(state.extra))
         enc = state.extra["encoder_outputs"]
-        enc.last_hidden_state = enc.last_hidden_state.index_select(0, rows)
-        return DecodeState(_select_cache(state.cache, rows), state.attention_mask.index_select(0, rows), state.extra)
+        selected = type(enc)(last_hidden_state=enc.last_hidden_state.index_select(0, rows))
+        return DecodeState(
+            _select_cache(state.cache, rows), state.attention_mask.index_select(0, rows),
+            {**state.extra, "encoder_outputs": selected},
+        )
 
 
 class DecoderOnlyGenerator(Generator):
@@ -271,19 +323,22 @@ class DecoderOnlyGenerator(Generator):
         return state, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
-        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], dim=1)
+        new = tokens.view(tokens.shape[0], -1)  # (N, t)
+        width = new.shape[1]
+        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(new.shape)], dim=1)
         position = state.extra["next_position"]
         out = self.model(
-            input_ids=tokens.view(-1, 1),
+            input_ids=new,
             attention_mask=mask,
-            position_ids=position.view(-1, 1),
+            position_ids=position.view(-1, 1) + torch.arange(width, device=position.device),
             past_key_values=state.cache,
             use_cache=True,
         )
-        state = DecodeState(out.past_key_values, mask, {"next_position": position + 1})
-        return state, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        state = DecodeState(out.past_key_values, mask, {"next_position": position + width})
+        logits = out.logits[:, -1] if tokens.dim() == 1 else out.logits
+        return state, torch.log_softmax(logits.float(), dim=-1)
 
-    def select(self, state: DecodeState, rows: Tensor) -> DecodeState:
+    def select(self, state: DecodeState, rows: Tensor, same_context: bool = False) -> DecodeState:
         return DecodeState(
             _select_cache(state.cache, rows),
             state.attention_mask.index_select(0, rows),

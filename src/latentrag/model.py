@@ -46,7 +46,8 @@ class Answer:
     """An answer that shows its evidence: the passages with p(z|x), and the posterior given the answer.
 
     posterior: RAG-Sequence — p(z|x,y) per passage; RAG-Token — p(z|x,y_≤i) per passage for every
-    generated token (a list of k-lists, aligned with `tokens`).
+    generated token (a list of k-lists, aligned with `tokens`). log_prob: log p(y|x) (under fast
+    RAG-Sequence decoding, its approximation p(y|x,z) ≈ 0 for passages whose beam did not produce y).
     """
 
     question: str
@@ -57,12 +58,14 @@ class Answer:
     posterior: list
     tokens: list[str]
     log_prob: float
+    decoding: str = ""
 
     def to_json(self) -> dict:
         return {
             "question": self.question,
             "answer": self.text,
             "mode": self.mode,
+            "decoding": self.decoding,
             "log_prob": self.log_prob,
             "tokens": self.tokens,
             "passages": [
@@ -158,28 +161,32 @@ class RagModel(nn.Module):
         self,
         questions: list[str] | str,
         mode: str | None = None,
-        decoding: str = "greedy",
-        num_beams: int = 1,
+        decoding: str | None = None,
+        num_beams: int | None = None,
         k: int | None = None,
         max_new_tokens: int | None = None,
-        **kwargs,
+        **options,
     ) -> list[Answer]:
-        """Answer each question; every answer carries its passages, p(z|x) and the posterior over them."""
+        """Answer each question; every answer carries its passages, p(z|x) and the posterior over them.
+
+        mode 'token' decodes 'greedy' (default) or 'beam'; mode 'sequence' decodes 'thorough' (default) or
+        'fast'. num_beams defaults to 1 for greedy and 4 otherwise. options: min_new_tokens,
+        length_penalty (0 = rank by log p(y|x); Hugging Face uses 1.0), early_stopping (see
+        `latentrag.decoding.DecodeOptions`).
+        """
         mode, k = self._check(mode, k)
         kind = rag_type(mode)
-        kind.check_decoding(decoding)
+        decoding = decoding or kind.default_decoding
+        kind.options(decoding, num_beams, options)  # refuse bad settings before retrieving
         retrieved = self.retrieve(questions if isinstance(questions, list) else [questions], k)
         batch = self.generator.prepare(retrieved.questions, retrieved.passages)
         log_prior = retrieved.log_prior.float()
         decoded = kind.decode(
             self.generator, batch, log_prior, decoding, num_beams=num_beams,
-            max_new_tokens=max_new_tokens or self.config.max_new_tokens, **kwargs,
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens, **options,
         )
         answers = []
         for b, d in enumerate(decoded):
-            lp = d.token_logprobs.unsqueeze(0)  # (1,k,T)
-            mask = torch.ones(1, lp.shape[-1], device=lp.device)
-            posterior = kind.posterior(log_prior[b : b + 1], lp, mask)[0].tolist()
             answers.append(
                 Answer(
                     question=retrieved.questions[b],
@@ -187,9 +194,10 @@ class RagModel(nn.Module):
                     mode=mode,
                     passages=retrieved.passages[b],
                     doc_probs=log_prior[b].exp().tolist(),
-                    posterior=posterior,
+                    posterior=d.posterior.tolist(),
                     tokens=[self.generator.tokenizer.decode([t]) for t in d.token_ids],
                     log_prob=d.score,
+                    decoding=decoding,
                 )
             )
         return answers

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from latentrag import marginals
-from latentrag.decoding import Decoded, rag_token_greedy
+from latentrag.decoding import Decoded, DecodeOptions, rag_sequence_decode, rag_token_decode
 from latentrag.errors import LatentRagError
 from latentrag.generators import Generator, GeneratorBatch
 
@@ -28,8 +28,14 @@ class RagType:
         """Which passage the answer came from, given the answer."""
         raise NotImplementedError
 
-    def decode(self, generator: Generator, batch: GeneratorBatch, log_prior: Tensor, decoding: str, **kw) -> list[Decoded]:
+    def decode(self, generator: Generator, batch: GeneratorBatch, log_prior: Tensor, decoding: str,
+               num_beams: int | None = None, **options) -> list[Decoded]:
+        """Decode B answers with their provenance. options: DecodeOptions fields (max_new_tokens, ...)."""
         raise NotImplementedError
+
+    @property
+    def default_decoding(self) -> str:
+        return self.decodings[0]
 
     def check_decoding(self, decoding: str) -> None:
         if decoding not in self.decodings:
@@ -37,12 +43,28 @@ class RagType:
                 f"RAG-{self.name.title()} decodes with {', '.join(self.decodings)}; got '{decoding}'"
             )
 
+    def options(self, decoding: str, num_beams: int | None, options: dict) -> DecodeOptions:
+        """DecodeOptions for `decoding`: greedy is one beam; the other decodings default to 4 beams."""
+        self.check_decoding(decoding)
+        if decoding == "greedy":
+            if num_beams not in (None, 1):
+                raise LatentRagError(f"greedy decoding uses one beam, got num_beams={num_beams}: use 'beam'")
+            num_beams = 1
+        known = DecodeOptions.__dataclass_fields__
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise LatentRagError(f"unknown decoding option(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+        opts = DecodeOptions(num_beams=4 if num_beams is None else num_beams,
+                             **{key: value for key, value in options.items() if value is not None})
+        opts.check()
+        return opts
+
 
 class RagSequence(RagType):
     """Eq. (2): one passage per answer. Provenance: p(z|x,y) over the whole answer."""
 
     name = "sequence"
-    decodings = ()
+    decodings = ("thorough", "fast")
 
     def log_likelihood(self, log_prior, token_logprobs, mask):
         return marginals.rag_sequence_log_likelihood(log_prior, token_logprobs, mask)
@@ -54,16 +76,18 @@ class RagSequence(RagType):
         """(B,k): p(z|x,y) ∝ p_η(z|x) p_θ(y|x,z)."""
         return marginals.sequence_posterior(log_prior, marginals.sequence_log_likelihood(token_logprobs, mask))
 
-    def decode(self, generator, batch, log_prior, decoding, **kw):
-        self.check_decoding(decoding)
-        raise LatentRagError("RAG-Sequence decoding is not available in this version; use mode='token'")
+    def decode(self, generator, batch, log_prior, decoding, num_beams=None, **options):
+        """Beams under each passage; thorough re-scores every hypothesis under every passage, fast does not.
+        Each answer's posterior is p(z|x,y) (k,)."""
+        opts = self.options(decoding, num_beams, options)
+        return rag_sequence_decode(generator, batch, log_prior, opts, method=decoding)
 
 
 class RagToken(RagType):
     """Eq. (3): a passage per token. Provenance: p(z|x,y_≤i) for every generated token."""
 
     name = "token"
-    decodings = ("greedy",)
+    decodings = ("greedy", "beam")
 
     def log_likelihood(self, log_prior, token_logprobs, mask):
         return marginals.rag_token_log_likelihood(log_prior, token_logprobs, mask)
@@ -75,9 +99,9 @@ class RagToken(RagType):
         """(B,T,k): p(z|x,y_≤i) ∝ p_η(z|x) p_θ(y_i|x,z,y_<i)."""
         return marginals.token_posterior(log_prior, token_logprobs)
 
-    def decode(self, generator, batch, log_prior, decoding, max_new_tokens=32, min_new_tokens=0, **kw):
-        self.check_decoding(decoding)
-        return rag_token_greedy(generator, batch, log_prior, max_new_tokens, min_new_tokens)
+    def decode(self, generator, batch, log_prior, decoding, num_beams=None, **options):
+        """Greedy or beam search over the per-token marginal; each answer's posterior is p(z|x,y_≤i) (T,k)."""
+        return rag_token_decode(generator, batch, log_prior, self.options(decoding, num_beams, options))
 
 
 RAG_TYPES: dict[str, RagType] = {"sequence": RagSequence(), "token": RagToken()}
