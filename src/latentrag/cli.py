@@ -68,15 +68,22 @@ def cmd_index_build(args) -> int:
 def cmd_ask(args) -> int:
     model = load_model(args)
     answers = model.generate([args.question], mode=args.mode, decoding=args.decoding, num_beams=args.beams,
-                             k=args.k)
+                             k=args.k, max_new_tokens=args.max_new_tokens)
     answer = answers[0]
     if args.json:
         print(json.dumps(answer.to_json(), indent=2, ensure_ascii=False))
         return 0
     print(f"Q: {answer.question}\nA: {answer.text}\n")
-    for rank, (p, prob) in enumerate(zip(answer.passages, answer.doc_probs, strict=True), start=1):
+    if answer.mode == "sequence":  # p(z|x,y): which passage the whole answer came from
+        evidence = answer.posterior
+        label = "p(z|x,y)"
+    else:  # RAG-Token: p(z|x,y_≤i) averaged over the answer's tokens
+        rows = answer.posterior or [[0.0] * len(answer.passages)]
+        evidence = [sum(col) / len(rows) for col in zip(*rows, strict=True)]
+        label = "avg p(z|x,y_≤i)"
+    for rank, (p, prob, post) in enumerate(zip(answer.passages, answer.doc_probs, evidence, strict=True), start=1):
         snippet = p.text if len(p.text) <= 160 else p.text[:157] + "..."
-        print(f"  [{rank}] p(z|x)={prob:.3f}  {p.title}: {snippet}")
+        print(f"  [{rank}] p(z|x)={prob:.3f}  {label}={post:.3f}  {p.title}: {snippet}")
     return 0
 
 
@@ -156,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer a question and show the passages it came from")
     ask.add_argument("question")
     ask.add_argument("--mode", choices=["token", "sequence"], default="token")
-    ask.add_argument("--decoding", default="greedy", help="greedy|beam (token), thorough|fast (sequence)")
-    ask.add_argument("--beams", type=int, default=1)
-    ask.add_argument("--k", type=int, default=5)
+    ask.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"], default=None,
+                     help="token: greedy (default) | beam; sequence: thorough (default) | fast")
+    ask.add_argument("--beams", type=int, default=None, help="beam size (default: 1 for greedy, else 4)")
+    ask.add_argument("--k", type=int, default=5, help="passages retrieved and marginalised over")
+    ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: model's)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
     ask.add_argument("--json", action="store_true")

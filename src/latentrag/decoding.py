@@ -89,7 +89,7 @@ class Decoded:
 
 
 @dataclass
-class _Hypotheses:
+class Hypotheses:
     """Search results for G groups × n hypotheses (best first). tokens (G,n,T), raw (G,n) sum of scored
     log-probs, lengths (G,n), docs (G,n,T,E) per-row log-probs of the chosen tokens (E = 0 if not tracked)."""
 
@@ -103,7 +103,7 @@ class _Hypotheses:
         return self.tokens[g, i, :n].tolist(), float(self.raw[g, i]), self.docs[g, i, :n]
 
 
-class _Marginal:
+class TokenMarginal:
     """RAG-Token: a beam owns k rows (one per passage); its next-token scores are the marginal p'."""
 
     def __init__(self, log_prior: Tensor):
@@ -117,7 +117,7 @@ class _Marginal:
         return torch.logsumexp(per_doc + prior, dim=2), per_doc
 
 
-class _PerDocument:
+class PerDocument:
     """RAG-Sequence: one search per (question, passage); a beam is one row and scores with p_θ(·|x,z)."""
 
     rows = 1
@@ -127,7 +127,7 @@ class _PerDocument:
         return logprobs.view(groups, beams, -1), None
 
 
-def _start(generator: Generator, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
+def start_answers(generator: Generator, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
     """Read the inputs once and feed the forced answer prefix: state and log-probs of answer token 1 (N,V)."""
     state, logprobs = generator.start(batch)
     for token in generator.answer_prefix:
@@ -136,8 +136,8 @@ def _start(generator: Generator, batch: GeneratorBatch) -> tuple[DecodeState, Te
     return state, logprobs
 
 
-def _greedy(generator: Generator, state: DecodeState, logprobs: Tensor, scorer, groups: int,
-            opts: DecodeOptions) -> _Hypotheses:
+def greedy_search(generator: Generator, state: DecodeState, logprobs: Tensor, scorer, groups: int,
+            opts: DecodeOptions) -> Hypotheses:
     """Argmax of the group's next-token scores at every step; finished groups are fed padding (as HF)."""
     eos, pad, steps, r = generator.eos_token_id, generator.pad_token_id, opts.max_new_tokens, scorer.rows
     device = logprobs.device
@@ -162,11 +162,11 @@ def _greedy(generator: Generator, state: DecodeState, logprobs: Tensor, scorer, 
         if bool(finished.all()) or t + 1 == steps:
             break
         state, logprobs = generator.step(state, best.repeat_interleave(r))
-    return _Hypotheses(tokens[:, None], score[:, None], lengths[:, None], docs[:, None])
+    return Hypotheses(tokens[:, None], score[:, None], lengths[:, None], docs[:, None])
 
 
-def _beam_search(generator: Generator, state: DecodeState, logprobs: Tensor, scorer, groups: int,
-                 opts: DecodeOptions) -> _Hypotheses:
+def beam_search(generator: Generator, state: DecodeState, logprobs: Tensor, scorer, groups: int,
+                 opts: DecodeOptions) -> Hypotheses:
     """Beam search for G groups at once, `num_beams` hypotheses each (HF's algorithm, vectorised).
 
     `logprobs` (G·r, V) are the first step's, from a single live beam per group: the first step expands to
@@ -240,13 +240,13 @@ def _beam_search(generator: Generator, state: DecodeState, logprobs: Tensor, sco
         if n != nb or not torch.equal(rows, torch.arange(rows.numel(), device=device)):
             state = generator.select(state, rows, same_context=n == nb)
         state, logprobs = generator.step(state, run_tok[:, :, t].reshape(-1).repeat_interleave(r))
-    return _Hypotheses(fin_tok, fin_raw, fin_len, fin_docs)
+    return Hypotheses(fin_tok, fin_raw, fin_len, fin_docs)
 
 
-def _search(generator, state, logprobs, scorer, groups, opts) -> _Hypotheses:
+def search(generator, state, logprobs, scorer, groups, opts) -> Hypotheses:
     if opts.num_beams == 1:  # HF: one beam is greedy search
-        return _greedy(generator, state, logprobs, scorer, groups, opts)
-    return _beam_search(generator, state, logprobs, scorer, groups, opts)
+        return greedy_search(generator, state, logprobs, scorer, groups, opts)
+    return beam_search(generator, state, logprobs, scorer, groups, opts)
 
 
 @torch.inference_mode()
@@ -257,8 +257,8 @@ def rag_token_decode(generator: Generator, batch: GeneratorBatch, log_prior: Ten
     opts.check()
     log_prior = log_prior.float()
     bsz = log_prior.shape[0]
-    state, logprobs = _start(generator, batch)
-    hyps = _search(generator, state, logprobs, _Marginal(log_prior), bsz, opts)
+    state, logprobs = start_answers(generator, batch)
+    hyps = search(generator, state, logprobs, TokenMarginal(log_prior), bsz, opts)
     out = []
     for b in range(bsz):
         ids, score, docs = hyps.get(b, 0)  # docs (T,k)
@@ -304,9 +304,9 @@ def rag_sequence_decode(generator: Generator, batch: GeneratorBatch, log_prior: 
     opts.check()
     log_prior = log_prior.float()
     bsz, k = log_prior.shape
-    state0, first = _start(generator, batch)  # N = B·k rows
+    state0, first = start_answers(generator, batch)  # N = B·k rows
     search_state = generator.fork(state0) if method == "thorough" else state0
-    hyps = _search(generator, search_state, first, _PerDocument(), bsz * k, opts)
+    hyps = search(generator, search_state, first, PerDocument(), bsz * k, opts)
     n_hyp = hyps.tokens.shape[1]
 
     # the union of the k beams of each question, deduplicated (first occurrence kept: doc-major, best first)
