@@ -89,11 +89,13 @@ class RagModel(nn.Module):
     ) -> RagModel:
         """Build from encoder/generator names or paths; by default the bundled MiniLM towers and SmolLM2."""
         config = config or RagConfig(**overrides)
-        query = DenseEncoder.from_pretrained(config.query_encoder)
-        model = cls(None, load_generator(config.generator, config.max_input_length), config)  # type: ignore[arg-type]
-        if not config.document_encoder_identity:
-            config.document_encoder_identity = model.document_encoder().identity()
-        model.retriever = Retriever(query, config.document_encoder_identity)
+        document_encoder = None
+        if not config.document_encoder_identity:  # a new model pairs with the tower named in its config
+            document_encoder = freeze(DenseEncoder.from_pretrained(config.document_encoder))
+            config.document_encoder_identity = document_encoder.identity()
+        retriever = Retriever(DenseEncoder.from_pretrained(config.query_encoder), config.document_encoder_identity)
+        model = cls(retriever, load_generator(config.generator, config.max_input_length), config)
+        model._document_encoder = document_encoder
         if index is not None:
             model.swap_index(index)
         return model
