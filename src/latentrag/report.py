@@ -25,7 +25,7 @@ RUN_COLUMNS = [
     ("label_accuracy", "label acc."),
     ("mean_prediction_words", "words/answer"),
 ]
-PERCENT = {"exact_match", "regex_match", "f1", "answer_contained", "rouge_l", "q_bleu1", "label_accuracy"}
+PERCENT = {"exact_match", "regex_match", "f1", "answer_contained", "rouge_l", "q_bleu1", "label_accuracy", "distinct_3"}
 
 
 def _fmt(key: str, value) -> str:
