@@ -35,6 +35,15 @@ def _detect_pooling(path: Path, model_type: str) -> tuple[str, bool]:
     return "cls", False
 
 
+def _model_class(config, default):
+    """AutoModel maps every DPR checkpoint to DPRQuestionEncoder; a context tower must load as itself."""
+    import transformers
+
+    if config.model_type == "dpr" and config.architectures:
+        return getattr(transformers, config.architectures[0])
+    return default
+
+
 class DenseEncoder(nn.Module):
     """One tower: texts -> (N, d) vectors. Pairs (title, text) are encoded as the tokenizer's sentence pair."""
 
@@ -59,7 +68,7 @@ class DenseEncoder(nn.Module):
         meta = json.loads(saved.read_text()) if saved.exists() else {}
         try:
             config = AutoConfig.from_pretrained(resolved)
-            model = AutoModel.from_pretrained(resolved)
+            model = _model_class(config, AutoModel).from_pretrained(resolved)
             tokenizer = AutoTokenizer.from_pretrained(resolved)
         except OSError as e:
             raise LatentRagError(f"cannot load encoder '{name_or_path}': {e}") from e
