@@ -113,8 +113,25 @@ class TokenMarginal:
 
     def __call__(self, logprobs: Tensor, groups: int, beams: int) -> tuple[Tensor, Tensor]:
         per_doc = logprobs.view(groups, beams, self.rows, -1)  # (G,n,k,V)
-        prior = self.log_prior[:, None, :, None]
-        return torch.logsumexp(per_doc + prior, dim=2), per_doc
+        return marginal_logprobs(self.log_prior, per_doc), per_doc
+
+
+UNDERFLOW = -60.0  # below this, a probability-space sum is recomputed in log space
+
+
+def marginal_logprobs(log_prior: Tensor, per_doc: Tensor) -> Tensor:
+    """log p'(v|x,y_<i) = logsumexp_z [log p_η(z|x) + log p_θ(v|x,z,y_<i)] for every v. (G,k),(G,n,k,V)->(G,n,V).
+
+    Every term is a probability (≤ 1), so the sum is taken in probability space, one contraction that is
+    several times faster than `logsumexp`'s passes; entries small enough to lose precision there
+    (p' < e^-60) are recomputed exactly with `logsumexp`. Same values as `rag_token_log_marginal`.
+    """
+    out = torch.einsum("gnkv,gk->gnv", per_doc.exp(), log_prior.exp()).log_()
+    low = out < UNDERFLOW
+    if bool(low.any()):
+        g, n, v = low.nonzero(as_tuple=True)
+        out[g, n, v] = torch.logsumexp(per_doc[g, n, :, v] + log_prior[g], dim=-1)
+    return out
 
 
 class PerDocument:
@@ -335,7 +352,7 @@ def rag_sequence_decode(generator: Generator, batch: GeneratorBatch, log_prior: 
         owner = torch.tensor([b for b, c in enumerate(cands) for _ in c], device=first.device)
         rows = (owner[:, None] * k + torch.arange(k, device=first.device)).view(-1)  # (C·k,)
         lp = teacher_forced_logprobs(generator, state0, first, rows, toks.repeat_interleave(k, 0))
-        lp = (lp * mask.repeat_interleave(k, 0)).view(len(seqs), k, width)
+        lp = lp.masked_fill(mask.repeat_interleave(k, 0) == 0, 0.0).view(len(seqs), k, width)
         ll = lp.sum(-1)  # (C,k)
         start = 0
         for b, c in enumerate(cands):

@@ -1,0 +1,295 @@
+"""Decoding speed: latentrag against Hugging Face's RAG implementation, measured in one run.
+
+    python benchmarks/decoding.py --quick      # under a minute
+    python benchmarks/decoding.py              # the figures in benchmarks/results/decoding.{json,md}
+
+Both implementations decode with the *same* randomly initialised BART weights (one module, shared), the
+same passages (lead sections of the bundled Wikipedia corpus, truncated to one length so that HF's
+RAG-Sequence, which drops the context mask in its per-passage beam search, sees what latentrag sees),
+the same doc_scores and the same settings (HF's parity configuration: forced <s>, no forced </s>,
+length_penalty 1.0). The outputs are checked equal before anything is timed. Timings alternate between
+the two implementations and report medians; the machine is shared, so read the ratios.
+
+Measured:
+  * RAG-Token beam search: latentrag `rag_token_decode` vs `RagTokenForGeneration.generate`;
+  * RAG-Sequence thorough: latentrag `rag_sequence_decode(thorough)` vs `RagSequenceForGeneration.generate`;
+  * RAG-Sequence fast vs thorough (both latentrag);
+  * generated tokens/s of the default generator (SmolLM2-135M via `load_generator("smollm2")`), k = 5,
+    RAG-Token greedy and beam, RAG-Sequence fast.
+
+With random weights no hypothesis ends early and the beams of different passages rarely coincide, so
+every search runs to max_new_tokens and RAG-Sequence has beams·k distinct candidates: a worst case for
+thorough re-scoring. The last line printed is a JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from latentrag.corpus import Passage, read_corpus, split_passages
+from latentrag.decoding import DecodeOptions, rag_sequence_decode, rag_token_decode
+from latentrag.generators import Seq2SeqGenerator
+from latentrag.marginals import retrieval_log_prior
+from latentrag.threads import configure_threads
+
+RESULTS = Path(__file__).parent / "results"
+QUESTIONS = [
+    "who wrote the novel war and peace",
+    "what is the largest planet in the solar system",
+    "when did the first man walk on the moon",
+    "which element has the chemical symbol fe",
+    "who painted the mona lisa",
+    "what is the capital city of australia",
+    "how many symphonies did beethoven write",
+    "which river flows through cairo",
+]
+SIZES = {  # random BART shapes; the vocabulary is SmolLM2's 49,152 tokens (BART's is 50,265)
+    "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024),
+    "base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                 decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),
+}
+
+
+def bart_style_tokenizer():
+    """SmolLM2's byte-level BPE dressed as BART's tokenizer: <s>=0, <pad>=1, </s>=2 (SmolLM2's ids 0-2),
+    "<s> text </s>" for inputs and labels. Offline: it comes from the bundled model's tokenizer.json."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from latentrag.assets import smollm2_dir
+
+    tok = Tokenizer.from_file(str(smollm2_dir() / "tokenizer.json"))
+    bos, pad, eos = (tok.id_to_token(i) for i in range(3))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B {eos}", special_tokens=[(bos, 0), (eos, 2)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   unk_token=bos)
+
+
+def random_bart(size: str, tokenizer, seed: int = 0) -> Seq2SeqGenerator:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2, **SIZES[size])
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(config).eval()
+    return Seq2SeqGenerator(model, tokenizer, f"random-bart-{size}", max_input_length=128)
+
+
+def passages(n: int) -> list[Passage]:
+    out = []
+    for p in split_passages(read_corpus("wiki-leads"), words=100):
+        if len(p.text.split()) >= 95:  # long enough to fill 128 tokens: every context has one length
+            out.append(p)
+        if len(out) == n:
+            return out
+    raise SystemExit("the corpus has too few passages")
+
+
+def timed(fn, repeats: int) -> tuple[list[float], object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def alternate(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turns (a, b, a, b, ...) so that load hits both alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up (allocator, kernels), not timed
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name] += timed(fn, 1)[0]
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def hf_model(cls, generator, k: int):
+    from transformers import DPRConfig, DPRQuestionEncoder
+    from transformers import RagConfig as HFRagConfig
+
+    question_encoder = DPRQuestionEncoder(DPRConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64)).eval()
+    config = HFRagConfig.from_question_encoder_generator_configs(question_encoder.config, generator.model.config,
+                                                                 n_docs=k)
+    return cls(config, question_encoder=question_encoder, generator=generator.model).eval()
+
+
+def hf_kwargs(generator, opts: DecodeOptions, k: int) -> dict:
+    return dict(n_docs=k, num_beams=opts.num_beams, max_length=opts.max_new_tokens + 2,
+                min_length=opts.min_new_tokens + 2, length_penalty=opts.length_penalty,
+                forced_bos_token_id=generator.tokenizer.bos_token_id, forced_eos_token_id=None)
+
+
+def strip(row: list[int]) -> list[int]:
+    row = row[2:]  # decoder start, forced <s>
+    return row[: row.index(2) + 1] if 2 in row else [t for t in row if t != 1]
+
+
+@torch.inference_mode()
+def versus_hf(size: str, questions: int, k: int, beams: int, max_new: int, repeats: int) -> dict:
+    from transformers import RagSequenceForGeneration, RagTokenForGeneration
+
+    tokenizer = bart_style_tokenizer()
+    gen = random_bart(size, tokenizer)
+    docs = passages(questions * k)
+    qs = QUESTIONS[:questions]
+    batch = gen.prepare(qs, [docs[b * k : (b + 1) * k] for b in range(questions)])
+    assert bool(batch.attention_mask.all()), "contexts must share one length (see the module docstring)"
+    scores = torch.randn(questions, k, generator=torch.Generator().manual_seed(0))
+    log_prior = retrieval_log_prior(scores)
+    opts = DecodeOptions(max_new_tokens=max_new, num_beams=beams, length_penalty=1.0)
+    hf_token, hf_seq = hf_model(RagTokenForGeneration, gen, k), hf_model(RagSequenceForGeneration, gen, k)
+    context = dict(context_input_ids=batch.input_ids, context_attention_mask=batch.attention_mask, doc_scores=scores)
+    kw = hf_kwargs(gen, opts, k)
+
+    runs = {
+        "token_beam_latentrag": lambda: rag_token_decode(gen, batch, log_prior, opts),
+        "token_beam_hf": lambda: hf_token.generate(**context, **kw),
+        "sequence_thorough_latentrag": lambda: rag_sequence_decode(gen, batch, log_prior, opts, "thorough"),
+        "sequence_thorough_hf": lambda: hf_seq.generate(**context, **kw),
+        "sequence_fast_latentrag": lambda: rag_sequence_decode(gen, batch, log_prior, opts, "fast"),
+    }
+    # the same answers first: a speed comparison of different computations would mean nothing
+    same = {
+        "token_beam": [d.token_ids for d in runs["token_beam_latentrag"]()]
+        == [strip(r) for r in runs["token_beam_hf"]().tolist()],
+        "sequence_thorough": [d.token_ids for d in runs["sequence_thorough_latentrag"]()]
+        == [strip(r) for r in runs["sequence_thorough_hf"]().tolist()],
+    }
+    token = alternate({n: runs[n] for n in ("token_beam_latentrag", "token_beam_hf")}, repeats)
+    seq = alternate({n: runs[n] for n in ("sequence_thorough_latentrag", "sequence_thorough_hf",
+                                          "sequence_fast_latentrag")}, repeats)
+    seconds = token | seq
+    return {
+        "setting": dict(model=f"random BART-{size}", params_m=round(sum(p.numel() for p in gen.model.parameters()) / 1e6, 1),
+                        questions=questions, k=k, beams=beams, max_new_tokens=max_new, context_tokens=batch.input_ids.shape[1],
+                        length_penalty=1.0, repeats=repeats),
+        "outputs_equal_hf": same,
+        "seconds": {n: round(s, 4) for n, s in seconds.items()},
+        "speedup_token_beam_vs_hf": round(seconds["token_beam_hf"] / seconds["token_beam_latentrag"], 2),
+        "speedup_sequence_thorough_vs_hf": round(seconds["sequence_thorough_hf"] / seconds["sequence_thorough_latentrag"], 2),
+        "speedup_fast_vs_thorough": round(seconds["sequence_thorough_latentrag"] / seconds["sequence_fast_latentrag"], 2),
+    }
+
+
+@torch.inference_mode()
+def smollm2_throughput(questions: int, k: int, max_new: int, beams: int, repeats: int) -> dict:
+    """Generated answer tokens per second of the default generator, k passages per question."""
+    from latentrag.generators import load_generator
+
+    gen = load_generator("smollm2")
+    gen.model.eval()
+    docs = passages(questions * k)
+    batch = gen.prepare(QUESTIONS[:questions], [docs[b * k : (b + 1) * k] for b in range(questions)])
+    log_prior = retrieval_log_prior(torch.randn(questions, k, generator=torch.Generator().manual_seed(0)))
+    out = {"setting": dict(questions=questions, k=k, max_new_tokens=max_new, beams=beams,
+                           prompt_tokens=batch.input_ids.shape[1], repeats=repeats)}
+    cases = {
+        "token_greedy": lambda: rag_token_decode(gen, batch, log_prior, DecodeOptions(max_new, num_beams=1)),
+        "token_beam": lambda: rag_token_decode(gen, batch, log_prior, DecodeOptions(max_new, num_beams=beams)),
+        "sequence_fast": lambda: rag_sequence_decode(gen, batch, log_prior, DecodeOptions(max_new, num_beams=beams),
+                                                     "fast"),
+    }
+    for name, fn in cases.items():
+        fn()  # warm-up
+        times, decoded = timed(fn, repeats)
+        tokens = sum(len(d.token_ids) for d in decoded)
+        seconds = statistics.median(times)
+        out[name] = {"seconds": round(seconds, 3), "answer_tokens": tokens,
+                     "tokens_per_s": round(tokens / seconds, 2)}
+    return out
+
+
+def write_results(result: dict, command: str, name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    hf, smol = result["versus_hf"], result["smollm2"]
+    s = hf["setting"]
+    lines = [
+        f"# Decoding benchmark ({name})",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {result['machine']}; torch threads {result['threads']}. Medians of {s['repeats']} alternating runs.",
+        "",
+        f"Against Hugging Face `RagTokenForGeneration` / `RagSequenceForGeneration` on the same {s['model']} "
+        f"weights ({s['params_m']}M parameters, 49,152-token vocabulary), {s['questions']} questions × k={s['k']} "
+        f"Wikipedia passages ({s['context_tokens']} context tokens), {s['beams']} beams, {s['max_new_tokens']} new "
+        f"tokens, length_penalty 1.0. Outputs identical to HF: {hf['outputs_equal_hf']}.",
+        "",
+        "| decoding | latentrag (s) | Hugging Face (s) | speed-up |",
+        "|---|---|---|---|",
+        f"| RAG-Token beam | {hf['seconds']['token_beam_latentrag']} | {hf['seconds']['token_beam_hf']} | "
+        f"{hf['speedup_token_beam_vs_hf']}× |",
+        f"| RAG-Sequence thorough | {hf['seconds']['sequence_thorough_latentrag']} | "
+        f"{hf['seconds']['sequence_thorough_hf']} | {hf['speedup_sequence_thorough_vs_hf']}× |",
+        f"| RAG-Sequence fast | {hf['seconds']['sequence_fast_latentrag']} | — | "
+        f"{hf['speedup_fast_vs_thorough']}× vs thorough |",
+        "",
+        f"Default generator (SmolLM2-135M-Instruct, fp32), {smol['setting']['questions']} question(s), "
+        f"k={smol['setting']['k']} ({smol['setting']['prompt_tokens']} prompt tokens), "
+        f"max {smol['setting']['max_new_tokens']} new tokens:",
+        "",
+        "| decoding | seconds | answer tokens | tokens/s |",
+        "|---|---|---|---|",
+    ]
+    for case in ("token_greedy", "token_beam", "sequence_fast"):
+        c = smol[case]
+        lines.append(f"| {case.replace('_', ' ')} | {c['seconds']} | {c['answer_tokens']} | {c['tokens_per_s']} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, few repeats (under a minute)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    threads = configure_threads(args.threads)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    if args.quick:
+        versus = versus_hf("small", questions=2, k=5, beams=4, max_new=12, repeats=3)
+        smol = smollm2_throughput(questions=1, k=5, max_new=12, beams=4, repeats=1)
+    else:
+        versus = versus_hf("base", questions=2, k=5, beams=4, max_new=20, repeats=5)
+        smol = smollm2_throughput(questions=2, k=5, max_new=24, beams=4, repeats=3)
+    result = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}",
+        "threads": threads,
+        "quick": args.quick,
+        "versus_hf": versus,
+        "smollm2": smol,
+    }
+    command = "python benchmarks/decoding.py" + (" --quick" if args.quick else "")
+    if not args.no_write:
+        write_results(result, command, "decoding-quick" if args.quick else "decoding")
+    figures = {
+        "outputs_equal_hf": all(versus["outputs_equal_hf"].values()),
+        "speedup_token_beam_vs_hf": versus["speedup_token_beam_vs_hf"],
+        "speedup_sequence_thorough_vs_hf": versus["speedup_sequence_thorough_vs_hf"],
+        "speedup_fast_vs_thorough": versus["speedup_fast_vs_thorough"],
+        "smollm2_k5_greedy_tokens_per_s": smol["token_greedy"]["tokens_per_s"],
+        "smollm2_k5_beam_tokens_per_s": smol["token_beam"]["tokens_per_s"],
+        "smollm2_k5_sequence_fast_tokens_per_s": smol["sequence_fast"]["tokens_per_s"],
+    }
+    print(json.dumps(result, indent=2), file=sys.stderr)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
