@@ -27,7 +27,7 @@ from latentrag.report import write_comparison_report
 HERE = Path(__file__).resolve().parent
 RUNS = {
     "token": {"mode": "token", "decoding": "greedy"},
-    "sequence": {"mode": "sequence", "decoding": "fast"},
+    "sequence": {"mode": "sequence"},
     "closed-book": {"closed_book": True},
 }
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=500, help="answerable questions per data set")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--sequence-beams", type=int, default=2, help="beams per passage for RAG-Sequence")
+    parser.add_argument("--sequence-decoding", default="thorough", choices=["thorough", "fast"])
+    parser.add_argument("--sequence-beams", type=int, default=4, help="beams per passage for RAG-Sequence")
     parser.add_argument("--sweep-ks", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--sweep-limit", type=int, default=100, help="questions per data set in the k sweep")
     parser.add_argument("--no-sweep", action="store_true")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(dataset: str, name: str, k: int, limit: int, folder: Path) -> dict:
         opts = dict(RUNS[name])
         if name == "sequence":
-            opts["num_beams"] = args.sequence_beams
+            opts.update(num_beams=args.sequence_beams, decoding=args.sequence_decoding)
         settings = EvalSettings(dataset=dataset, k=k, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, answerable_only=True, limit=limit, **opts)
         examples, info = select_examples(settings, model.retriever.index, progress=True)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "F1 and **answer contained** (DPR `has_answer` on the prediction: a gold answer's tokens occur in the "
         "generated text) show what the model knows. Scores in %, BLEU on sacrebleu's 0–100 scale.",
         "",
-        f"Runs: RAG-Token greedy (k={args.k}); RAG-Sequence fast decoding ({args.sequence_beams} beams per "
+        f"Runs: RAG-Token greedy (k={args.k}); RAG-Sequence {args.sequence_decoding} decoding ({args.sequence_beams} beams per "
         f"passage, k={args.k}); closed-book = the same generator with the same prompt minus its Title/Passage "
         f"lines, greedy. max_new_tokens={args.max_new_tokens}. Device: {device} ({platform.machine()}).",
         "",
