@@ -53,15 +53,55 @@ def load_model(args) -> object:
 def cmd_index_build(args) -> int:
     from latentrag.corpus import read_corpus, split_passages
     from latentrag.encoders import DenseEncoder, freeze
-    from latentrag.index import build_index
+    from latentrag.index import CHUNK_SIZE, build_index
 
     out = Path(args.out) if args.out else default_index_dir(args.corpus)
     encoder = freeze(DenseEncoder.from_pretrained(args.encoder))
     passages = split_passages(read_corpus(args.corpus), words=args.passage_words)
     index = build_index(passages, encoder, out, index_type=args.index_type, batch_size=args.batch_size,
-                        progress=not args.quiet)
+                        progress=not args.quiet, resume=getattr(args, "resume", False),
+                        chunk_size=getattr(args, "chunk_size", CHUNK_SIZE),
+                        exact_vectors=getattr(args, "exact_vectors", None), corpus=str(args.corpus),
+                        passage_words=args.passage_words)
     print(f"built {index.manifest.index_type} index of {len(index)} passages (dim {index.dim}) in {out}",
           file=sys.stderr)
+    return 0
+
+
+def cmd_index_add(args) -> int:
+    from latentrag.corpus import read_corpus, split_passages
+    from latentrag.encoders import DenseEncoder, freeze
+    from latentrag.index import Manifest, add_to_index
+
+    manifest = Manifest.read(Path(args.directory))
+    encoder = freeze(DenseEncoder.from_pretrained(args.encoder or manifest.encoder.get("name", "minilm")))
+    words = args.passage_words or manifest.passage_words or 100
+    passages = split_passages(read_corpus(args.corpus), words=words)
+    before = manifest.count
+    index = add_to_index(args.directory, passages, encoder, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"added {len(index) - before} passages to {args.directory} (now {len(index)})", file=sys.stderr)
+    return 0
+
+
+def cmd_index_info(args) -> int:
+    from latentrag.index import index_info
+
+    info = index_info(args.directory)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key in ("directory", "index_type", "factory", "count", "dim", "params", "exact_vectors", "corpus",
+                    "version", "total_bytes"):
+            print(f"{key:14} {info[key]}")
+        print(f"{'encoder':14} {info['encoder'].get('name')} (sha256 {str(info['encoder'].get('sha256'))[:16]}…)")
+    return 0
+
+
+def cmd_index_plan(args) -> int:
+    from latentrag.index_plan import format_plan, plan
+
+    result = plan(args.passages, args.dim, types=args.index_type or None, exact_vectors=args.exact_vectors)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
 
@@ -151,14 +191,43 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build and inspect dense indexes").add_subparsers(dest="index_command",
                                                                                             required=True)
     build = index.add_parser("build", help="encode a corpus into an index folder")
-    build.add_argument("--corpus", default="wiki-leads", help="'wiki-leads' or a path (JSONL)")
+    from latentrag.index_plan import INDEX_TYPES
+
+    corpus_help = "'wiki-leads', a .jsonl/.tsv/.csv file, or a folder of .txt/.md files"
+    build.add_argument("--corpus", default="wiki-leads", help=corpus_help)
     build.add_argument("--out", default=None, help="index folder (default: the cache)")
-    build.add_argument("--index-type", default="flat")
+    build.add_argument("--index-type", default="flat", choices=list(INDEX_TYPES))
     build.add_argument("--passage-words", type=int, default=100)
     build.add_argument("--encoder", default="minilm", help="document tower (default: bundled MiniLM)")
     build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--chunk-size", type=int, default=4096, help="passages encoded per saved chunk")
+    build.add_argument("--resume", action="store_true", help="continue an interrupted build from its last chunk")
+    build.add_argument("--exact-vectors", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep exact float32 vectors (default: only for sq8/pq types)")
     build.add_argument("--quiet", action="store_true")
     build.set_defaults(func=cmd_index_build)
+
+    add = index.add_parser("add", help="append passages from a corpus to an index")
+    add.add_argument("directory")
+    add.add_argument("--corpus", required=True, help=corpus_help)
+    add.add_argument("--passage-words", type=int, default=None, help="default: as the index was built")
+    add.add_argument("--encoder", default=None, help="default: the encoder named in the manifest")
+    add.add_argument("--batch-size", type=int, default=64)
+    add.add_argument("--quiet", action="store_true")
+    add.set_defaults(func=cmd_index_add)
+
+    info = index.add_parser("info", help="print an index's manifest and counts")
+    info.add_argument("directory")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_index_info)
+
+    plan = index.add_parser("plan", help="memory each index type needs for N passages of D dimensions")
+    plan.add_argument("--passages", type=int, required=True)
+    plan.add_argument("--dim", type=int, required=True)
+    plan.add_argument("--index-type", action="append", choices=list(INDEX_TYPES), help="(repeatable) default: all")
+    plan.add_argument("--exact-vectors", action=argparse.BooleanOptionalAction, default=True)
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_index_plan)
 
     ask = sub.add_parser("ask", help="answer a question and show the passages it came from")
     ask.add_argument("question")

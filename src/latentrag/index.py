@@ -460,6 +460,11 @@ def _assemble(
         index = faiss.index_factory(dim, manifest.factory, faiss.METRIC_INNER_PRODUCT)
         if "efConstruction" in params:
             faiss.downcast_index(index).hnsw.efConstruction = int(params["efConstruction"])
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf = faiss.downcast_index(ivf)
+            if hasattr(ivf, "do_polysemous_training"):
+                ivf.do_polysemous_training = False  # Hamming pre-filtering we never use; it costs minutes
         if not index.is_trained:
             sample = _training_sample(chunks, new_rows, int(params.get("train_size", new_rows)))
             index.train(sample)
