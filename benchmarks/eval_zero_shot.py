@@ -32,6 +32,18 @@ RUNS = {
 }
 
 
+def _without_notes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["nq-test", "trivia-test"])
@@ -49,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default=str(HERE / "results" / "eval-zero-shot.md"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--note", action="append", default=[], help="a paragraph to put first in the report")
     args = parser.parse_args(argv)
 
     from latentrag.cli import _quiet_transformers, ensure_default_index
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 sweep.append(run(dataset, "token", k, args.sweep_limit, work / f"{dataset}-sweep-token-k{k}"))
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {threads} threads"
-    notes = [
+    notes = [*(f"> {n}\n" for n in args.note),
         "Zero-shot baseline: `RagModel.from_components()` — query/document towers all-MiniLM-L6-v2, generator "
         "SmolLM2-135M-Instruct (no fine-tuning), flat index over the bundled wiki-leads corpus (lead sections "
         "of 10,033 Wikipedia vital articles, CC BY-SA 4.0, ~100-word passages). This is the baseline "
@@ -99,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         "F1 and **answer contained** (DPR `has_answer` on the prediction: a gold answer's tokens occur in the "
         "generated text) show what the model knows. Scores in %, BLEU on sacrebleu's 0–100 scale.",
         "",
-        f"Runs: RAG-Token greedy (k={args.k}); RAG-Sequence {args.sequence_decoding} decoding ({args.sequence_beams} beams per "
-        f"passage, k={args.k}); closed-book = the same generator with the same prompt minus its Title/Passage "
-        f"lines, greedy. max_new_tokens={args.max_new_tokens}. Device: {device} ({platform.machine()}).",
+        "Runs: " + "; ".join(
+            {"token": f"RAG-Token greedy (k={args.k})",
+             "sequence": f"RAG-Sequence {args.sequence_decoding} decoding ({args.sequence_beams} beams per passage, "
+                         f"k={args.k})",
+             "closed-book": "closed-book = the same generator with the same prompt minus its Title/Passage lines, "
+                            "greedy"}[name] for name in args.runs)
+        + f". max_new_tokens={args.max_new_tokens}. Device: {device} ({platform.machine()}).",
         "",
-        "Reproduce: `python benchmarks/eval_zero_shot.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        "Reproduce: `python benchmarks/eval_zero_shot.py " + " ".join(_without_notes(argv or sys.argv[1:]))
         + "`; single runs: `latentrag eval --dataset nq-test --answerable-only --limit 500 --k 5`.",
     ]
     if timings:
