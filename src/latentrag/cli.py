@@ -62,7 +62,8 @@ def cmd_index_build(args) -> int:
                         progress=not args.quiet, resume=getattr(args, "resume", False),
                         chunk_size=getattr(args, "chunk_size", CHUNK_SIZE),
                         exact_vectors=getattr(args, "exact_vectors", None), corpus=str(args.corpus),
-                        passage_words=args.passage_words)
+                        passage_words=args.passage_words,
+                        encoder_source=str(Path(args.encoder).resolve()) if Path(args.encoder).exists() else args.encoder)
     print(f"built {index.manifest.index_type} index of {len(index)} passages (dim {index.dim}) in {out}",
           file=sys.stderr)
     return 0
@@ -74,7 +75,8 @@ def cmd_index_add(args) -> int:
     from latentrag.index import Manifest, add_to_index
 
     manifest = Manifest.read(Path(args.directory))
-    encoder = freeze(DenseEncoder.from_pretrained(args.encoder or manifest.encoder.get("name", "minilm")))
+    encoder = freeze(DenseEncoder.from_pretrained(
+        args.encoder or manifest.encoder_source or manifest.encoder.get("name", "minilm")))
     words = args.passage_words or manifest.passage_words or 100
     passages = split_passages(read_corpus(args.corpus), words=words)
     before = manifest.count

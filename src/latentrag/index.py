@@ -73,6 +73,7 @@ class Manifest:
     metric: str = "inner_product"
     corpus: str | None = None
     passage_words: int | None = None
+    encoder_source: str | None = None  # what the tower was loaded from (hub name or folder), for `index add`
     build_id: str = ""
     format: int = FORMAT
 
@@ -532,6 +533,7 @@ def build_index(
     exact_vectors: bool | None = None,
     corpus: str | None = None,
     passage_words: int | None = None,
+    encoder_source: str | None = None,
 ) -> DenseIndex:
     """Encode passages with the (frozen) document tower and write a complete index folder.
 
@@ -599,6 +601,7 @@ def build_index(
         exact_vectors=exact,
         corpus=corpus,
         passage_words=passage_words,
+        encoder_source=encoder_source,
         build_id=state["build_id"],
     )
     del store
