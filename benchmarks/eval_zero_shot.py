@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 from latentrag.atomic import atomic_write_text
-from latentrag.evaluate import PREDICTIONS, EvalSettings, evaluate, read_predictions, select_examples
+from latentrag.evaluate import (
+    PREDICTIONS,
+    EvalSettings,
+    evaluate,
+    read_predictions,
+    retrieval_recall,
+    select_examples,
+)
 from latentrag.report import write_comparison_report
 
 HERE = Path(__file__).resolve().parent
@@ -55,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-ks", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--sweep-limit", type=int, default=100, help="questions per data set in the k sweep")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--recall-limit", type=int, default=None,
+                        help="questions for the retrieval-only recall@k (default: --limit)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--work", default="eval-runs/zero-shot", help="per-run folders (predictions)")
@@ -90,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             timings[f"{dataset} {result['label']}"] = (time.perf_counter() - start) / new
         return result
 
+    recall = {}
     for dataset in args.datasets:
+        settings = EvalSettings(dataset=dataset, answerable_only=True, limit=args.recall_limit or args.limit)
+        examples, _ = select_examples(settings, model.retriever.index)
+        recall[dataset] = (len(examples), retrieval_recall(model, examples, progress=True))
         for name in args.runs:
             results.append(run(dataset, name, args.k, args.limit, work / f"{dataset}-{name}-k{args.k}"))
         if not args.no_sweep:
@@ -128,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(f"{k}: {v:.2f}" for k, v in timings.items()) + "."]
     report = Path(args.report)
     figures = report.with_suffix("")
-    write_comparison_report(report, results, "Zero-shot evaluation of the default model", notes, sweep, figures)
+    write_comparison_report(report, results, "Zero-shot evaluation of the default model", notes, sweep, figures,
+                            recall=recall)
     atomic_write_text(figures / "metrics.json", json.dumps(
-        {"runs": results, "sweep": sweep, "seconds_per_question": timings, "device": device}, indent=2))
+        {"runs": results, "sweep": sweep, "retrieval_recall": {d: {"n": n, "recall": r} for d, (n, r) in recall.items()},
+         "seconds_per_question": timings, "device": device}, indent=2))
     print(f"wrote {report} and {figures}/", file=sys.stderr)
     return 0
 

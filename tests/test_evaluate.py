@@ -305,3 +305,12 @@ def test_rag_sequence_runs_through_the_generate_interface(toy, tmp_path):
     result = evaluate(model, s, tmp_path / "seq", progress=False)
     assert result["label"] == "RAG-Sequence (fast, 2 beams, k=3)" and result["metrics"]["n"] == 3
     assert EvalSettings(dataset="x", mode="sequence").decoding == "thorough"
+
+
+def test_retrieval_recall_agrees_with_the_eval_loop(toy, tmp_path):
+    from latentrag.datasets import load_dataset
+    from latentrag.evaluate import retrieval_recall
+
+    model, data = toy
+    result = evaluate(model, settings(data), tmp_path / "run", progress=False)
+    assert retrieval_recall(model, load_dataset(data), ks=(1, 2, 6), batch_size=3) == result["metrics"]["answer_recall"]

@@ -310,6 +310,25 @@ def _predict(model, examples: list[QAExample], settings: EvalSettings) -> list[d
     return records
 
 
+@torch.inference_mode()
+def retrieval_recall(
+    model, examples: Sequence[QAExample], ks: Sequence[int] = RECALL_KS, batch_size: int = 64, progress: bool = False
+) -> dict[str, float]:
+    """Answer recall@k of the retriever alone (no generation: cheap), DPR `has_answer` on the top-k passages."""
+    from tqdm.auto import tqdm
+
+    depth = min(max(ks), len(model.retriever.index))
+    texts, golds, flags = [], [], []
+    for start in tqdm(range(0, len(examples), batch_size), desc="recall@k", disable=not progress, unit="batch"):
+        batch = examples[start : start + batch_size]
+        passages = model.retrieve([ex.question for ex in batch], k=depth).passages
+        texts += [[p.text for p in ps] for ps in passages]
+        golds += [ex.answers for ex in batch]
+        flags += [ex.regex for ex in batch]
+    recall = M.answer_recall_at_k(texts, golds, [k for k in ks if k <= depth], regex=flags)
+    return {str(k): v for k, v in recall.items()}
+
+
 def score_record(record: dict) -> dict:
     """Per-question scores: `correct` (EM, or regex match for CuratedTrec), `f1`, `answer_contained`."""
     pred, golds, regex = record["prediction"], record["gold"], record.get("regex", False)
