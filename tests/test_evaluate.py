@@ -314,3 +314,14 @@ def test_retrieval_recall_agrees_with_the_eval_loop(toy, tmp_path):
     model, data = toy
     result = evaluate(model, settings(data), tmp_path / "run", progress=False)
     assert retrieval_recall(model, load_dataset(data), ks=(1, 2, 6), batch_size=3) == result["metrics"]["answer_recall"]
+
+
+def test_eval_restores_each_submodule_mode(toy, tmp_path):
+    model, data = toy
+    model.train()
+    model.generator.model.eval()  # e.g. a wrapper in train mode around a Hugging Face model in eval mode
+    try:
+        evaluate(model, settings(data, limit=1), tmp_path / "run", progress=False)
+        assert model.training and model.retriever.training and not model.generator.model.training
+    finally:
+        model.eval()

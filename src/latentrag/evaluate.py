@@ -410,9 +410,11 @@ def evaluate(
     todo = [ex for ex in examples if ex.id not in done]
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=settings.label, unit="q",
                disable=not progress)
-    was_training = getattr(model, "training", False)
-    if isinstance(model, torch.nn.Module):
-        model.eval()  # no dropout: predictions must not depend on how the run was batched or resumed
+    # No dropout: predictions must not depend on how the run was batched or resumed. Each submodule's
+    # own mode is restored afterwards (a wrapper may say "training" while its HF models are in eval).
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    if modes:
+        model.eval()
     try:
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
@@ -422,8 +424,8 @@ def evaluate(
             bar.update(len(batch))
     finally:
         bar.close()
-        if isinstance(model, torch.nn.Module):
-            model.train(was_training)
+        for module, training in modes:
+            module.training = training
     records = [done[ex.id] for ex in examples if ex.id in wanted]
     return finish(records, out, run)
 
