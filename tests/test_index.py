@@ -139,7 +139,7 @@ def test_flat_loads_memory_mapped_and_threads_follow_cores(built):
 
 def test_search_parameters_recorded_and_settable_at_load(built):
     hnsw = DenseIndex.load(built["hnsw"].directory, ef_search=16)
-    assert built["hnsw"].manifest.params["efSearch"] == 128
+    assert built["hnsw"].manifest.params["efSearch"] == 192
     assert faiss.downcast_index(hnsw.faiss).hnsw.efSearch == 16
     ivf = DenseIndex.load(built["ivf-sq8"].directory, nprobe=3, refine=2)
     assert faiss.extract_index_ivf(ivf.faiss).nprobe == 3 and ivf.search_params["refine"] == 2
@@ -156,7 +156,8 @@ def test_ivf_pq_parameters_handle_384_and_odd_dims():
     assert default_params("ivf-pq", 10_000, 768)["m"] == 64
     assert default_params("ivf-pq", 10_000, 100)["m"] == 50
     p = default_params("ivf-sq8", 10_000, 384)
-    assert p["nlist"] == 256 and p["nprobe"] == 32  # 4·sqrt(N)=400 capped at N/39
+    assert p["nlist"] == 256 and p["nprobe"] == 128  # 4·sqrt(N)=400 capped at N/39; at least 128 cells
+    assert default_params("ivf-sq8", 21_000_000, 768)["nprobe"] == 271  # 2·sqrt(18330)
     assert default_params("ivf-sq8", 21_000_000, 768)["nlist"] == 18330
 
 
@@ -345,7 +346,7 @@ def test_cli_add_info_and_plan(tmp_path, tiny_dir, corpus, capsys):
     info = json.loads(capsys.readouterr().out)
     n = len(passages_of(corpus)) + len(passages_of(extra))
     assert info["count"] == info["passages"] == n and info["index_type"] == "hnsw"
-    assert info["passage_words"] == WORDS and info["params"]["efSearch"] == 128
+    assert info["passage_words"] == WORDS and info["params"]["efSearch"] == 192
     assert set(info["files"]) == {"vectors.faiss", "passages.arrow", "manifest.json"}
     assert main(["index", "plan", "--passages", "21000000", "--dim", "768", "--json"]) == 0
     rows = {r["index_type"]: r for r in json.loads(capsys.readouterr().out)["types"]}
