@@ -462,3 +462,32 @@ def test_minilm_index_retrieves_the_right_article(tmp_path):
     assert target in [ps[i].title for i in ids[0]]
     reference = encoder.encode([p.title for p in ps[:8]], [p.text for p in ps[:8]]).numpy()
     np.testing.assert_allclose(index.reconstruct(np.arange(8)[:, None])[:, 0], reference, atol=1e-5)
+
+
+# ---- exact search as GEMM + grouped top-k ----------------------------------------------------------------
+@pytest.mark.parametrize("n", [5, 161, 1000, 70_001])
+def test_grouped_topk_equals_topk(n):
+    from latentrag.index import _topk_grouped
+
+    scores = torch.randn(6, n, generator=torch.Generator().manual_seed(n))
+    for k in (1, 10, 50):
+        if k <= n:
+            values, ids = _topk_grouped(scores, k)
+            ref_values, ref_ids = scores.topk(k, dim=1)
+            assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+
+
+def test_flat_search_matches_faiss(tmp_path):
+    from latentrag.index import build_index_from_vectors
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 16), dtype=np.float32)
+    index = build_index_from_vectors(x, (Passage(f"p{i}", "", "") for i in range(3000)), tmp_path / "f",
+                                     {"name": "synthetic", "sha256": "0"}, "flat")
+    q = rng.standard_normal((40, 16), dtype=np.float32)
+    scores, ids = index.search(q, 20)
+    ref_scores, ref_ids = index.faiss.search(q, 20)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LatentRagError, match="one vector per passage"):
+        build_index_from_vectors(x[:10], [Passage("a", "", "")], tmp_path / "g", {"name": "s", "sha256": "0"})

@@ -143,6 +143,30 @@ def _flat_matrix(index: faiss.Index) -> torch.Tensor | None:
         return torch.from_numpy(array)
 
 
+def _topk_grouped(scores: torch.Tensor, k: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise top-k of (B, n) scores, best first, selecting among group maxima first.
+
+    The top-k entries of a row lie in at most k groups of `group` columns, and each of those groups has a
+    maximum at least the k-th best score, so they are among the k groups with the largest maxima: one
+    cheap max-reduction and a top-k over n/group maxima replace a top-k over all n scores.
+    """
+    b, n = scores.shape
+    m = (n // group) * group
+    if m // group <= k:
+        return scores.topk(min(k, n), dim=1)
+    head = scores if m == n else scores[:, :m]
+    maxima = head.reshape(b, m // group, group).amax(-1)  # (B, n/group)
+    _, groups = maxima.topk(k, dim=1)
+    cols = (groups[:, :, None] * group + torch.arange(group)).reshape(b, k * group)
+    values, order = scores.gather(1, cols).topk(k, dim=1)
+    ids = cols.gather(1, order)
+    if m < n:
+        tail_values, tail_ids = scores[:, m:].topk(min(k, n - m), dim=1)
+        values, order = torch.cat([values, tail_values], 1).topk(k, dim=1)
+        ids = torch.cat([ids, tail_ids + m], 1).gather(1, order)
+    return values, ids
+
+
 @torch.inference_mode()
 def _gemm_topk(matrix: torch.Tensor, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner products as blocked matrix products + top-k selection.
@@ -156,7 +180,7 @@ def _gemm_topk(matrix: torch.Tensor, queries: np.ndarray, k: int) -> tuple[np.nd
     best_scores, best_ids = None, None
     for start in range(0, n, GEMM_BLOCK):
         scores = q @ matrix[start : start + GEMM_BLOCK].T  # (B, block)
-        values, ids = scores.topk(min(k, scores.shape[1]), dim=1)
+        values, ids = _topk_grouped(scores, k)
         ids += start
         if best_scores is not None:
             values, order = torch.cat([best_scores, values], 1).topk(k, dim=1)
