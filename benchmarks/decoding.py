@@ -301,7 +301,9 @@ def write_results(result: dict, command: str, name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, few repeats (under a minute)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine two threads are oversubscribed and "
+                             "timings scatter by ±100%%; one thread repeats within a few %%)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     threads = configure_threads(args.threads)
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     if args.quick:
-        versus = versus_hf("small", questions=1, k=5, beams=4, max_new=10, repeats=3)
+        versus = versus_hf("small", questions=1, k=5, beams=4, max_new=8, repeats=3)
         smol = smollm2_throughput(questions=1, k=5, max_new=6, beams=4, repeats=1, cases=("token_greedy",))
     else:
         versus = versus_hf("base", questions=2, k=5, beams=4, max_new=16, repeats=5)
@@ -322,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         "versus_hf": versus,
         "smollm2": smol,
     }
-    command = "python benchmarks/decoding.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/decoding.py" + (" --quick" if args.quick else "") + (
+        f" --threads {threads}" if threads != 1 else "")
     if not args.no_write:
         write_results(result, command, "decoding-quick" if args.quick else "decoding")
     figures = {
