@@ -144,6 +144,8 @@ class DenseEncoder(nn.Module):
         if self._fingerprint is None:
             digest = hashlib.sha256()
             for key, value in sorted(self.model.state_dict().items()):
+                if self.pooling != "pooler" and "pooler" in key:
+                    continue  # unused, and re-initialised at random on every load when the checkpoint lacks it
                 digest.update(key.encode())
                 digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             digest.update(f"{self.pooling}/{self.normalize}".encode())
