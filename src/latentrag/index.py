@@ -19,7 +19,6 @@ giving the same vectors as an uninterrupted build. See docs/index.md.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from latentrag.atomic import atomic_path, atomic_write_text
+from latentrag.atomic import atomic_path, atomic_write_text, fsync_dir, replace_dir
 from latentrag.corpus import Passage, PassageStore, passage_digest, write_passage_store
 from latentrag.encoders import DenseEncoder
 from latentrag.errors import LatentRagError
@@ -351,46 +350,6 @@ def _check_target(directory: Path) -> None:
         )
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _replace_dir(new: Path, directory: Path) -> None:
-    """Put the finished folder `new` at `directory` (replacing an old index) with as few steps as possible.
-
-    Readers that opened the old index keep their memory-mapped files (unlinked files live while mapped).
-    """
-    if directory.exists():
-        if _exchange(new, directory):
-            shutil.rmtree(new)  # `new` now holds the old index
-        else:
-            old = directory.parent / f".{directory.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(new, directory)
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, directory)
-    _fsync_dir(directory.parent)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -566,7 +525,7 @@ def _assemble(
     else:
         write_passage_store(out / PASSAGES, PassageStore(work / PASSAGES), prefix=base[1])
     manifest.write(out)
-    _fsync_dir(out)
+    fsync_dir(out)
     return out
 
 
@@ -575,7 +534,7 @@ def _finish(work: Path, directory: Path, build_id: str) -> bool:
     out = work / "out"
     if (out / MANIFEST).exists():
         if Manifest.read(out).build_id == build_id:
-            _replace_dir(out, directory)
+            replace_dir(out, directory)
             shutil.rmtree(work, ignore_errors=True)
             return True
         shutil.rmtree(out, ignore_errors=True)  # the previous index, swapped out before the kill
