@@ -340,6 +340,17 @@ def _work_dir(directory: Path, kind: str) -> Path:
     return directory.parent / f".{directory.name}.{kind}"
 
 
+def _prepare_build(directory, index_type: str, exact_vectors: bool | None):
+    """Shared set-up of every build: the index type, whether exact vectors are kept, a safe target, threads,
+    and the work folder beside the target."""
+    kind = _index_type(index_type)
+    exact = (not kind.exact_reconstruct) if exact_vectors is None else bool(exact_vectors)
+    directory = Path(directory).expanduser()
+    _check_target(directory)
+    _limit_threads()
+    return kind, exact, directory, _work_dir(directory, "build")
+
+
 def _check_target(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
         raise LatentRagError(f"{directory} is a file: give a folder for the index")
@@ -567,14 +578,9 @@ def build_index(
     """
     from latentrag import __version__
 
-    kind = _index_type(index_type)
     if chunk_size < 1 or batch_size < 1:
         raise LatentRagError(f"chunk and batch sizes must be positive (got {chunk_size}, {batch_size})")
-    exact = (not kind.exact_reconstruct) if exact_vectors is None else bool(exact_vectors)
-    directory = Path(directory).expanduser()
-    _check_target(directory)
-    _limit_threads()
-    work = _work_dir(directory, "build")
+    kind, exact, directory, work = _prepare_build(directory, index_type, exact_vectors)
     identity = encoder.identity()
     settings = {
         "encoder": identity,
@@ -652,15 +658,10 @@ def build_index_from_vectors(
     """
     from latentrag import __version__
 
-    kind = _index_type(index_type)
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise LatentRagError(f"vectors must be (N, d), got shape {vectors.shape}")
-    exact = (not kind.exact_reconstruct) if exact_vectors is None else bool(exact_vectors)
-    directory = Path(directory).expanduser()
-    _check_target(directory)
-    _limit_threads()
-    work = _work_dir(directory, "build")
+    kind, exact, directory, work = _prepare_build(directory, index_type, exact_vectors)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
