@@ -71,8 +71,8 @@ class Restricted:
     def _restrict(self, logprobs):
         return torch.log_softmax(logprobs + self.mask, dim=-1)
 
-    def start(self, batch):
-        state, lp = self.inner.start(batch)
+    def start(self, batch, prefix=()):
+        state, lp = self.inner.start(batch, prefix)
         return state, self._restrict(lp)
 
     def step(self, state, tokens):

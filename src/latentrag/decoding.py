@@ -146,11 +146,7 @@ class PerDocument:
 
 def start_answers(generator: Generator, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
     """Read the inputs once and feed the forced answer prefix: state and log-probs of answer token 1 (N,V)."""
-    state, logprobs = generator.start(batch)
-    for token in generator.answer_prefix:
-        rows = logprobs.new_full((logprobs.shape[0],), token, dtype=torch.long)
-        state, logprobs = generator.step(state, rows)
-    return state, logprobs
+    return generator.start(batch, generator.answer_prefix)
 
 
 def greedy_search(generator: Generator, state: DecodeState, logprobs: Tensor, scorer, groups: int,

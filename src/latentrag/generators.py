@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from latentrag import shared_context
 from latentrag.assets import resolve_generator
 from latentrag.corpus import Passage
 from latentrag.errors import LatentRagError
@@ -91,8 +92,9 @@ class Generator(nn.Module):
         """Teacher-forced log p_θ(· | x, z, y_<i) over the vocabulary: (B, k, T, V)."""
         raise NotImplementedError
 
-    def start(self, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
-        """Read the inputs once; return the state and log-probs of the first answer token (N, V)."""
+    def start(self, batch: GeneratorBatch, prefix: list[int] | tuple[int, ...] = ()) -> tuple[DecodeState, Tensor]:
+        """Read the inputs once and feed `prefix` (forced answer tokens); return the state and the log-probs
+        of the next answer token (N, V)."""
         raise NotImplementedError
 
     def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
@@ -104,7 +106,7 @@ class Generator(nn.Module):
         """A new state holding rows (N',) of `state` (keep/reorder/duplicate, for beam search); `state` itself
         is left untouched. same_context=True promises that new row i reads the same (question, passage) as
         old row i (beams reordered within a group), so per-context parts (encoder outputs, cross-attention
-        keys/values) are shared instead of copied."""
+        keys/values) can be shared instead of copied even without shared-context attention."""
         raise NotImplementedError
 
     def fork(self, state: DecodeState) -> DecodeState:
@@ -153,10 +155,26 @@ def _select_cache(cache, rows: Tensor, keep_cross: bool = False):
 
 
 class Seq2SeqGenerator(Generator):
-    """BART/T5 via AutoModelForSeq2SeqLM: encoder input "title / text // question", as the paper's code."""
+    """BART/T5 via AutoModelForSeq2SeqLM: encoder input "title / text // question", as the paper's code.
+
+    Decoding keeps one copy of each (question, passage) context's encoder outputs and cross-attention
+    keys/values however many beams read it (`shared_context`), where the architecture allows; a row's
+    context is `state.extra["context"]` (None: row i reads context i).
+    """
 
     kind = "seq2seq"
     title_sep, doc_sep = " / ", " // "
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, max_input_length: int = 512):
+        super().__init__(model, tokenizer, name, max_input_length)
+        self.shares_contexts = shared_context.enable(model)
+
+    def save_pretrained(self, directory) -> None:
+        shared_context.disable(self.model)  # the saved config names a standard attention implementation
+        try:
+            super().save_pretrained(directory)
+        finally:
+            self.shares_contexts = shared_context.enable(self.model)
 
     def format_input(self, question: str, passage: Passage) -> str:
         prefix = getattr(self.model.config, "prefix", None) or ""
@@ -197,13 +215,12 @@ class Seq2SeqGenerator(Generator):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         return logprobs.view(batch.batch_size, k, *logprobs.shape[1:])
 
-    def start(self, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
+    def start(self, batch: GeneratorBatch, prefix: list[int] | tuple[int, ...] = ()) -> tuple[DecodeState, Tensor]:
         encoder_outputs = self.model.get_encoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        state = DecodeState(None, batch.attention_mask, {"encoder_outputs": encoder_outputs})
-        first = torch.full(
-            (batch.input_ids.shape[0],), self.model.config.decoder_start_token_id, device=self.device
-        )
-        return self.step(state, first)
+        state = DecodeState(None, batch.attention_mask, {"encoder_outputs": encoder_outputs, "context": None})
+        first = torch.tensor([self.model.config.decoder_start_token_id, *prefix], device=self.device)
+        state, logprobs = self.step(state, first.expand(batch.input_ids.shape[0], -1))  # one forward for all
+        return state, logprobs[:, -1]
 
     @property
     def answer_prefix(self) -> list[int]:
@@ -214,18 +231,25 @@ class Seq2SeqGenerator(Generator):
         return self._answer_prefix
 
     def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
+        context = state.extra.get("context")
         out = self.model(
             encoder_outputs=state.extra["encoder_outputs"],
             attention_mask=state.attention_mask,
             decoder_input_ids=tokens.view(tokens.shape[0], -1),
             past_key_values=state.cache,
             use_cache=True,
+            **({} if context is None else {"context_rows": context}),
         )
         state.cache = out.past_key_values
         logits = out.logits[:, -1] if tokens.dim() == 1 else out.logits
         return state, torch.log_softmax(logits.float(), dim=-1)
 
     def select(self, state: DecodeState, rows: Tensor, same_context: bool = False) -> DecodeState:
+        if self.shares_contexts:  # rows point at the contexts they read; nothing per context is copied
+            context = state.extra.get("context")
+            context = rows if context is None else context.index_select(0, rows)
+            return DecodeState(_select_cache(state.cache, rows, keep_cross=True), state.attention_mask,
+                               {**state.extra, "context": context})
         if same_context:
             return DecodeState(_select_cache(state.cache, rows, keep_cross=True), state.attention_mask,
                                dict(state.extra))
@@ -310,7 +334,12 @@ class DecoderOnlyGenerator(Generator):
         logprobs = torch.log_softmax(answer_logits.float(), dim=-1)
         return logprobs.view(batch.batch_size, k, *logprobs.shape[1:])
 
-    def start(self, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
+    def start(self, batch: GeneratorBatch, prefix: list[int] | tuple[int, ...] = ()) -> tuple[DecodeState, Tensor]:
+        if prefix:
+            state, _ = self.start(batch)
+            state, logprobs = self.step(state, torch.tensor(list(prefix), device=self.device).expand(
+                len(batch.input_ids), -1))
+            return state, logprobs[:, -1]
         mask = batch.attention_mask
         out = self.model(
             input_ids=batch.input_ids,
