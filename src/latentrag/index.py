@@ -128,7 +128,9 @@ def _set_search_params(index: faiss.Index, params: dict) -> None:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
 
 
-GEMM_BLOCK = 65536  # database rows scored per matrix product (B·65536·4 bytes of scores)
+SCORE_BLOCK = 1 << 22  # scores (float32, 16 MB) per matrix product: the selection reads them while cached
+QUERY_BLOCK = 256  # queries per matrix product, so a block still spans >= 16,384 passages
+TOPK_GROUP = 16  # scores per group in the grouped top-k
 
 
 def _flat_matrix(index: faiss.Index) -> torch.Tensor | None:
@@ -142,21 +144,24 @@ def _flat_matrix(index: faiss.Index) -> torch.Tensor | None:
         return torch.from_numpy(array)
 
 
-def _topk_grouped(scores: torch.Tensor, k: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_grouped(scores: torch.Tensor, k: int, group: int = TOPK_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise top-k of (B, n) scores, best first, selecting among group maxima first.
 
     The top-k entries of a row lie in at most k groups of `group` columns, and each of those groups has a
     maximum at least the k-th best score, so they are among the k groups with the largest maxima: one
-    cheap max-reduction and a top-k over n/group maxima replace a top-k over all n scores.
+    cheap max-reduction and a top-k over n/group maxima replace a top-k over all n scores. A group is a
+    strided set of columns (j, j + G, j + 2G, ... for G = n/group), so the maxima are an element-wise
+    max of `group` contiguous slices: vectorised, unlike a reduction over 16 adjacent floats (~6x slower).
     """
     b, n = scores.shape
-    m = (n // group) * group
-    if m // group <= k:
+    g = n // group
+    if g <= k:
         return scores.topk(min(k, n), dim=1)
+    m = g * group
     head = scores if m == n else scores[:, :m]
-    maxima = head.reshape(b, m // group, group).amax(-1)  # (B, n/group)
+    maxima = head.view(b, group, g).amax(1)  # (B, G): maximum of columns j, j + G, ..., j + (group-1)·G
     _, groups = maxima.topk(k, dim=1)
-    cols = (groups[:, :, None] * group + torch.arange(group)).reshape(b, k * group)
+    cols = (groups[:, :, None] + torch.arange(0, m, g)).reshape(b, k * group)
     values, order = scores.gather(1, cols).topk(k, dim=1)
     ids = cols.gather(1, order)
     if m < n:
@@ -171,21 +176,34 @@ def _gemm_topk(matrix: torch.Tensor, queries: np.ndarray, k: int) -> tuple[np.nd
     """Exact top-k inner products as blocked matrix products + top-k selection.
 
     faiss 1.15's flat search scores queries one by one unless there are 128,000 of them
-    (`distance_compute_blas_threshold`), a memory-bound scan (~4 GFLOP/s here); a BLAS matrix product
-    per block of 65,536 passages runs close to the machine's GEMM speed and gives the same ids and scores.
+    (`distance_compute_blas_threshold`), a memory-bound scan (~4 GFLOP/s here). Here each block of up to
+    256 queries × SCORE_BLOCK/256 passages is one BLAS product written into a reused 16 MB buffer, and the
+    grouped top-k reads those scores while they are still in cache (a whole-row product would write them
+    to RAM and read them back); each passage block is read once for all query blocks. The per-block
+    top-k are merged once at the end. Same ids and scores as faiss's exact search.
     """
     q = torch.from_numpy(queries)
-    n = matrix.shape[0]
-    best_scores, best_ids = None, None
-    for start in range(0, n, GEMM_BLOCK):
-        scores = q @ matrix[start : start + GEMM_BLOCK].T  # (B, block)
-        values, ids = _topk_grouped(scores, k)
-        ids += start
-        if best_scores is not None:
-            values, order = torch.cat([best_scores, values], 1).topk(k, dim=1)
-            ids = torch.cat([best_ids, ids], 1).gather(1, order)
-        best_scores, best_ids = values, ids
-    return best_scores.numpy(), best_ids.numpy()
+    b, n = q.shape[0], matrix.shape[0]
+    qb = min(b, QUERY_BLOCK)
+    block = min(n, max(1, SCORE_BLOCK // qb))
+    buffer = torch.empty(qb * block)
+    query_blocks = range(0, b, qb)
+    found: list[tuple[list, list]] = [([], []) for _ in query_blocks]
+    for start in range(0, n, block):
+        rows = matrix[start : start + block]
+        for (values, ids), qs in zip(found, query_blocks, strict=True):
+            part = q[qs : qs + qb]
+            scores = buffer[: len(part) * len(rows)].view(len(part), len(rows))
+            torch.mm(part, rows.T, out=scores)
+            v, i = _topk_grouped(scores, k)
+            values.append(v)
+            ids.append(i + start)
+    best_scores, best_ids = [], []
+    for values, ids in found:
+        v, order = torch.cat(values, 1).topk(k, dim=1)  # k <= n, so at least k candidates per row
+        best_scores.append(v)
+        best_ids.append(torch.cat(ids, 1).gather(1, order))
+    return torch.cat(best_scores).numpy(), torch.cat(best_ids).numpy()
 
 
 class DenseIndex:
