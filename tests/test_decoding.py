@@ -217,6 +217,10 @@ def test_rag_sequence_thorough_and_fast(generator, batch, log_prior):
         torch.testing.assert_close(thorough[b].posterior, marginals.sequence_posterior(
             log_prior[b], thorough[b].doc_log_likelihood), rtol=1e-5, atol=1e-6)
         assert torch.isfinite(thorough[b].doc_log_likelihood).all()
+        # per passage, whether the beam scored y or the extra pass did: teacher forcing's numbers
+        n = len(thorough[b].token_ids)
+        torch.testing.assert_close(thorough[b].token_logprobs, lp_t[b, :, :n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(thorough[b].doc_log_likelihood, lp_t[b, :, :n].sum(-1), rtol=1e-4, atol=1e-4)
         assert torch.isinf(fast[b].doc_log_likelihood).any() or fast[b].candidates < 2 * K
 
 

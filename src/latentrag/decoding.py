@@ -126,7 +126,8 @@ def marginal_logprobs(log_prior: Tensor, per_doc: Tensor) -> Tensor:
     several times faster than `logsumexp`'s passes; entries small enough to lose precision there
     (p' < e^-60) are recomputed exactly with `logsumexp`. Same values as `rag_token_log_marginal`.
     """
-    out = torch.einsum("gnkv,gk->gnv", per_doc.exp(), log_prior.exp()).log_()
+    weights = log_prior.exp()[:, None, None, :].expand(-1, per_doc.shape[1], 1, -1)  # (G,n,1,k)
+    out = torch.matmul(weights, per_doc.exp()).squeeze(2).log_()  # a (1,k)·(k,V) product per beam: no transpose
     low = out < UNDERFLOW
     if bool(low.any()):
         g, n, v = low.nonzero(as_tuple=True)
@@ -138,10 +139,10 @@ class PerDocument:
     """RAG-Sequence: one search per (question, passage); a beam is one row and scores with p_θ(·|x,z)."""
 
     rows = 1
-    tracked = 0
+    tracked = 1  # the row's own per-token log-probs, which thorough decoding reuses
 
-    def __call__(self, logprobs: Tensor, groups: int, beams: int) -> tuple[Tensor, None]:
-        return logprobs.view(groups, beams, -1), None
+    def __call__(self, logprobs: Tensor, groups: int, beams: int) -> tuple[Tensor, Tensor]:
+        return logprobs.view(groups, beams, -1), logprobs.view(groups, beams, 1, -1)
 
 
 def start_answers(generator: Generator, batch: GeneratorBatch) -> tuple[DecodeState, Tensor]:
@@ -310,7 +311,13 @@ def teacher_forced_logprobs(generator: Generator, state: DecodeState, first: Ten
 @torch.inference_mode()
 def rag_sequence_decode(generator: Generator, batch: GeneratorBatch, log_prior: Tensor,
                         opts: DecodeOptions | None = None, method: str = "thorough") -> list[Decoded]:
-    """RAG-Sequence: beams under each passage, then thorough (re-score all) or fast (p(y|x,z)≈0 off-beam)."""
+    """RAG-Sequence: beams under each passage, then thorough (score every candidate under every passage)
+    or fast (p(y|x,z) ≈ 0 where y is not in z's beam).
+
+    Thorough runs the extra forward passes only for the (y, z) pairs the beams did not score, as the paper
+    describes: a hypothesis that came out of z's beam already carries log p_θ(y|x,z) (and its per-token
+    terms) from the search itself.
+    """
     if method not in ("thorough", "fast"):
         raise LatentRagError(f"RAG-Sequence decodes 'thorough' or 'fast', got '{method}'")
     opts = opts or DecodeOptions()
@@ -322,47 +329,57 @@ def rag_sequence_decode(generator: Generator, batch: GeneratorBatch, log_prior: 
     hyps = search(generator, search_state, first, PerDocument(), bsz * k, opts)
     n_hyp = hyps.tokens.shape[1]
 
-    # the union of the k beams of each question, deduplicated (first occurrence kept: doc-major, best first)
-    cands: list[dict[tuple[int, ...], Tensor]] = []
+    # the union of the k beams of each question, deduplicated (first occurrence kept: doc-major, best first),
+    # with log p_θ(y|x,z) and its per-token terms for the passages whose beam produced y (fast: the only ones)
+    cands: list[dict[tuple[int, ...], Candidate]] = []
     for b in range(bsz):
-        seen: dict[tuple[int, ...], Tensor] = {}
+        seen: dict[tuple[int, ...], Candidate] = {}
         for j in range(k):
             for i in range(n_hyp):
                 if float(hyps.raw[b * k + j, i]) <= NEG / 2:
                     continue  # an empty slot (fewer finished hypotheses than beams)
-                ids, raw, _ = hyps.get(b * k + j, i)
-                ll = seen.setdefault(tuple(ids), torch.full((k,), float("-inf"), device=log_prior.device))
-                ll[j] = max(float(ll[j]), raw)  # fast: p_θ(y|x,z) from z's beam, else 0
+                ids, raw, docs = hyps.get(b * k + j, i)
+                cand = seen.setdefault(tuple(ids), Candidate.empty(k, len(ids), log_prior.device))
+                if raw > cand.doc_ll[j]:
+                    cand.doc_ll[j], cand.token_lp[j] = raw, docs[:, 0]
         cands.append(seen)
 
-    token_lps: list[list[Tensor | None]] = [[None] * len(c) for c in cands]
-    doc_ll = [torch.stack(list(c.values())) for c in cands]  # (C_b,k)
-    if method == "thorough":
-        seqs = [list(key) for c in cands for key in c]
-        width = max(len(s) for s in seqs)
-        toks = torch.full((len(seqs), width), generator.pad_token_id, dtype=torch.long, device=first.device)
-        mask = torch.zeros(len(seqs), width, device=first.device)
-        for i, s in enumerate(seqs):
-            toks[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        owner = torch.tensor([b for b, c in enumerate(cands) for _ in c], device=first.device)
-        rows = (owner[:, None] * k + torch.arange(k, device=first.device)).view(-1)  # (C·k,)
-        lp = teacher_forced_logprobs(generator, state0, first, rows, toks.repeat_interleave(k, 0))
-        lp = lp.masked_fill(mask.repeat_interleave(k, 0) == 0, 0.0).view(len(seqs), k, width)
-        ll = lp.sum(-1)  # (C,k)
-        start = 0
-        for b, c in enumerate(cands):
-            doc_ll[b] = ll[start : start + len(c)]
-            token_lps[b] = [lp[start + i, :, : len(key)] for i, key in enumerate(c)]
-            start += len(c)
+    if method == "thorough":  # score the missing (y, z) pairs in one batched teacher-forced pass
+        pairs = [(b, j, key, cand) for b, c in enumerate(cands) for key, cand in c.items()
+                 for j in range(k) if cand.doc_ll[j] == float("-inf")]
+        if pairs:
+            width = max(len(key) for _, _, key, _ in pairs)
+            toks = torch.full((len(pairs), width), generator.pad_token_id, dtype=torch.long, device=first.device)
+            for p, (_, _, key, _) in enumerate(pairs):
+                toks[p, : len(key)] = torch.tensor(key)
+            rows = torch.tensor([b * k + j for b, j, _, _ in pairs], device=first.device)
+            lp = teacher_forced_logprobs(generator, state0, first, rows, toks)
+            for p, (_, j, key, cand) in enumerate(pairs):
+                cand.token_lp[j] = lp[p, : len(key)]
+                cand.doc_ll[j] = lp[p, : len(key)].sum()
 
     out = []
     for b in range(bsz):
-        scores = torch.logsumexp(log_prior[b] + doc_ll[b], dim=-1)  # (C,) log Σ_z p(z|x) p(y|x,z)
+        doc_ll = torch.stack([c.doc_ll for c in cands[b].values()])  # (C,k)
+        scores = torch.logsumexp(log_prior[b] + doc_ll, dim=-1)  # (C,) log Σ_z p(z|x) p(y|x,z)
         best = int(scores.argmax())
-        ids = list(list(cands[b])[best])
+        ids, cand = list(cands[b].items())[best]
         out.append(Decoded(
-            ids, float(scores[best]), sequence_posterior(log_prior[b], doc_ll[b][best]),
-            token_logprobs=token_lps[b][best], doc_log_likelihood=doc_ll[b][best], candidates=len(cands[b]),
+            list(ids), float(scores[best]), sequence_posterior(log_prior[b], cand.doc_ll),
+            token_logprobs=cand.token_lp if method == "thorough" else None, doc_log_likelihood=cand.doc_ll,
+            candidates=len(cands[b]),
         ))
     return out
+
+
+@dataclass
+class Candidate:
+    """One RAG-Sequence answer hypothesis: log p_θ(y|x,z) (k,) and its per-token terms (k,T); −inf / 0 where
+    not (yet) computed."""
+
+    doc_ll: Tensor
+    token_lp: Tensor
+
+    @classmethod
+    def empty(cls, k: int, length: int, device) -> Candidate:
+        return cls(torch.full((k,), float("-inf"), device=device), torch.zeros(k, length, device=device))
