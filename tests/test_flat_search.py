@@ -16,32 +16,40 @@ def _faiss(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     return index.search(q, k)
 
 
-# (SCORE_BLOCK, QUERY_BLOCK): one block; 1,000-passage blocks (grouped top-k with a 1000 - 992 tail) over
-# 8-query blocks (37 queries: a last block of 5); 124-passage blocks, few enough groups to take a plain top-k
-@pytest.mark.parametrize("blocks", [(1 << 22, 256), (8_000, 8), (997, 8)])
+def _blocks(monkeypatch, blocks):
+    for name, value in zip(("SCORE_BLOCK", "MAXIMA_BLOCK", "QUERY_BLOCK"), blocks, strict=True):
+        monkeypatch.setattr(li, name, value)
+
+
+# (SCORE_BLOCK, MAXIMA_BLOCK, QUERY_BLOCK): the defaults (one block); 1,000-passage blocks of 62 groups over
+# 8-query blocks (37 queries: a last block of 5), the maxima of all five reduced together, or two at a time
+# (2, 2, 1) with a 3-passage last block; 124-passage blocks, too few groups for a grouped top-k
+BLOCKS = [(1 << 22, 1 << 22, 256), (8_000, 1 << 22, 8), (8_000, 8 * 62 * 2, 8), (997, 1 << 22, 8)]
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("k", [1, 10, 50])
 def test_blocked_search_matches_faiss(monkeypatch, blocks, k):
-    monkeypatch.setattr(li, "SCORE_BLOCK", blocks[0])
-    monkeypatch.setattr(li, "QUERY_BLOCK", blocks[1])
+    _blocks(monkeypatch, blocks)
     rng = np.random.default_rng(k)
     x = rng.standard_normal((N, D), dtype=np.float32)
     q = rng.standard_normal((37, D), dtype=np.float32)
     scores, ids = li._gemm_topk(torch.from_numpy(x), q, k)
     ref_scores, ref_ids = _faiss(x, q, k)
     np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(scores, ref_scores)  # re-scored by faiss's own kernel: bit for bit
     one_scores, one_ids = li._gemm_topk(torch.from_numpy(x), q[:1], k)  # a single query
     np.testing.assert_array_equal(one_ids, ref_ids[:1])
+    np.testing.assert_array_equal(one_scores, ref_scores[:1])
 
 
-@pytest.mark.parametrize("blocks", [(1 << 22, 256), (8_000, 8)])
+@pytest.mark.parametrize("blocks", BLOCKS[:3])
 def test_ties_give_faiss_scores_and_tied_ids_in_any_order(monkeypatch, blocks):
     """Small integer vectors: every score is exact, so many are tied. The scores equal faiss's exactly and
     the ids are a valid top-k: distinct, each with the score returned, every strictly better one included.
     Which of several tied passages fills the last places is unspecified (faiss's choice depends on its
     own scan order, and so does ours on the blocks)."""
-    monkeypatch.setattr(li, "SCORE_BLOCK", blocks[0])
-    monkeypatch.setattr(li, "QUERY_BLOCK", blocks[1])
+    _blocks(monkeypatch, blocks)
     rng = np.random.default_rng(3)
     x = rng.integers(-1, 2, (N, 16)).astype(np.float32)
     x[4000:4100] = x[:100]  # duplicated passages
@@ -65,4 +73,4 @@ def test_k_equal_to_n_returns_every_passage():
     scores, ids = li._gemm_topk(torch.from_numpy(x), q, 40)
     ref_scores, ref_ids = _faiss(x, q, 40)
     np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(scores, ref_scores)

@@ -128,8 +128,9 @@ def _set_search_params(index: faiss.Index, params: dict) -> None:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
 
 
-SCORE_BLOCK = 1 << 22  # scores (float32, 16 MB) per matrix product: the selection reads them while cached
-QUERY_BLOCK = 256  # queries per matrix product, so a block still spans >= 16,384 passages
+SCORE_BLOCK = 1 << 22  # scores (float32, 16 MB) per matrix product: reduced while they are still in cache
+MAXIMA_BLOCK = 1 << 22  # group maxima (16 MB) kept before choosing candidate groups among them
+QUERY_BLOCK = 256  # queries per matrix product, so a passage block still spans >= 16,384 passages
 TOPK_GROUP = 16  # scores per group in the grouped top-k
 
 
@@ -171,39 +172,77 @@ def _topk_grouped(scores: torch.Tensor, k: int, group: int = TOPK_GROUP) -> tupl
     return values, ids
 
 
+def _rescore(queries: np.ndarray, matrix: np.ndarray, ids: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each query's inner products with its candidate rows `ids` (B, c), by faiss's own kernel (the one
+    its flat search uses, so the scores are faiss's to the bit), best first."""
+    ids = np.ascontiguousarray(ids.numpy(), dtype=np.int64)
+    b, c = ids.shape
+    k = min(k, c)
+    scores, found = np.empty((b, k), np.float32), np.empty((b, k), np.int64)
+    faiss.knn_inner_products_by_idx(
+        faiss.swig_ptr(queries), faiss.swig_ptr(matrix), faiss.swig_ptr(ids), matrix.shape[1], b, len(matrix), c, k,
+        faiss.swig_ptr(scores), faiss.swig_ptr(found), c,
+    )
+    return scores, found
+
+
 @torch.inference_mode()
 def _gemm_topk(matrix: torch.Tensor, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner products as blocked matrix products + top-k selection.
+    """Exact top-k inner products as blocked matrix products + grouped top-k selection.
 
     faiss 1.15's flat search scores queries one by one unless there are 128,000 of them
     (`distance_compute_blas_threshold`), a memory-bound scan (~4 GFLOP/s here). Here each block of up to
-    256 queries × SCORE_BLOCK/256 passages is one BLAS product written into a reused 16 MB buffer, and the
-    grouped top-k reads those scores while they are still in cache (a whole-row product would write them
-    to RAM and read them back); each passage block is read once for all query blocks. The per-block
-    top-k are merged once at the end. Same ids and scores as faiss's exact search.
+    256 queries × SCORE_BLOCK/256 passages is one BLAS product written into a reused 16 MB buffer and
+    reduced, while still in cache, to the maxima of groups of 16 scores (strided columns j, j + G, ...).
+    Only two large operations per block: on a shared machine every extra parallel region can wait for a
+    descheduled thread. The top-k passages lie in the k groups with the largest maxima (see
+    `_topk_grouped`), so once per MAXIMA_BLOCK of maxima those k·16 candidates are re-scored exactly by
+    faiss's inner-product kernel: same ids and, bit for bit, the same scores as faiss's flat search.
+    A last block narrower than the others (or, for a large k, every block) goes through `_topk_grouped`
+    and the same re-scoring.
     """
+    x = matrix.numpy()
     q = torch.from_numpy(queries)
     b, n = q.shape[0], matrix.shape[0]
     qb = min(b, QUERY_BLOCK)
-    block = min(n, max(1, SCORE_BLOCK // qb))
-    buffer = torch.empty(qb * block)
-    query_blocks = range(0, b, qb)
-    found: list[tuple[list, list]] = [([], []) for _ in query_blocks]
-    for start in range(0, n, block):
-        rows = matrix[start : start + block]
-        for (values, ids), qs in zip(found, query_blocks, strict=True):
-            part = q[qs : qs + qb]
-            scores = buffer[: len(part) * len(rows)].view(len(part), len(rows))
+    block = min(n, max(TOPK_GROUP, SCORE_BLOCK // qb // TOPK_GROUP * TOPK_GROUP))
+    groups = block // TOPK_GROUP
+    full = n // block * block if block % TOPK_GROUP == 0 and groups > k else 0  # rows in regular blocks
+    per_flush = max(1, MAXIMA_BLOCK // (qb * groups))  # blocks whose maxima are reduced together
+    score_buffer = torch.empty(qb * block)
+    maxima_buffer = torch.empty(qb * per_flush * groups) if full else None
+    offsets = torch.arange(0, block, groups)  # the columns of group j are j + offsets
+    best_scores, best_ids = np.empty((b, k), np.float32), np.empty((b, k), np.int64)
+    for qs in range(0, b, qb):
+        part, part_np = q[qs : qs + qb], queries[qs : qs + qb]
+        p = len(part)
+        found: list[tuple[np.ndarray, np.ndarray]] = []
+        if full:
+            scores = score_buffer[: p * block].view(p, block)
+            maxima = maxima_buffer[: p * per_flush * groups].view(p, per_flush * groups)
+            filled, first = 0, 0
+            for start in range(0, full, block):
+                torch.mm(part, matrix[start : start + block].T, out=scores)
+                torch.amax(scores.view(p, TOPK_GROUP, groups), 1, out=maxima[:, filled * groups : (filled + 1) * groups])
+                filled += 1
+                if filled == per_flush or start + block == full:
+                    _, top = maxima[:, : filled * groups].topk(k, dim=1)  # (p, k) groups of these blocks
+                    cols = first + top // groups * block + top % groups
+                    found.append(_rescore(part_np, x, (cols[:, :, None] + offsets).reshape(p, k * TOPK_GROUP), k))
+                    filled, first = 0, start + block
+        for start in range(full, n, block):  # a narrower last block, or blocks of too few groups for k
+            rows = matrix[start : start + block]
+            scores = score_buffer[: p * len(rows)].view(p, len(rows))
             torch.mm(part, rows.T, out=scores)
-            v, i = _topk_grouped(scores, k)
-            values.append(v)
-            ids.append(i + start)
-    best_scores, best_ids = [], []
-    for values, ids in found:
-        v, order = torch.cat(values, 1).topk(k, dim=1)  # k <= n, so at least k candidates per row
-        best_scores.append(v)
-        best_ids.append(torch.cat(ids, 1).gather(1, order))
-    return torch.cat(best_scores).numpy(), torch.cat(best_ids).numpy()
+            _, ids = _topk_grouped(scores, k)
+            found.append(_rescore(part_np, x, ids + start, k))
+        if len(found) == 1:
+            best_scores[qs : qs + p], best_ids[qs : qs + p] = found[0]
+        else:
+            values, order = torch.from_numpy(np.concatenate([s for s, _ in found], 1)).topk(k, dim=1)
+            best_scores[qs : qs + p] = values.numpy()
+            best_ids[qs : qs + p] = np.take_along_axis(np.concatenate([i for _, i in found], 1), order.numpy(), 1)
+    return best_scores, best_ids
 
 
 class DenseIndex:
