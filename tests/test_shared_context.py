@@ -3,8 +3,8 @@ attention, the same decoding, and leaves saved models loadable by plain transfor
 
 import pytest
 import torch
-from tiny_models import tiny_passages, tiny_seq2seq_generator
-from transformers import AutoModelForSeq2SeqLM
+from tiny_models import tiny_decoder_only_generator, tiny_passages, tiny_seq2seq_generator
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from latentrag import shared_context
 from latentrag.decoding import DecodeOptions, rag_sequence_decode, rag_token_decode
@@ -43,9 +43,38 @@ def _decode_both_ways(gen, fn):
     return shared, copied
 
 
+def test_prompt_rows_read_their_context_and_own_answer():
+    """Row i attends causally to [prompt of context_rows[i] (padding masked) | its own answer keys]."""
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    module = _Cross()
+    module.layer_idx = 0
+    contexts, kv_heads, heads, plen, dim, past, t = 3, 2, 4, 6, 8, 2, 3
+    rows = torch.tensor([2, 0, 2, 1, 0, 2])
+    prompt = DynamicCache()
+    pk, pv = torch.randn(contexts, kv_heads, plen, dim), torch.randn(contexts, kv_heads, plen, dim)
+    prompt.update(pk, pv, 0)
+    pmask = torch.ones(contexts, plen, dtype=torch.bool)
+    pmask[1, :2] = False  # context 1 is left-padded
+    q = torch.randn(len(rows), heads, t, dim)
+    ak, av = torch.randn(len(rows), kv_heads, past + t, dim), torch.randn(len(rows), kv_heads, past + t, dim)
+    out, _ = shared_context._attention(module, q, ak, av, None, context_rows=rows, prompt_cache=prompt,
+                                       prompt_mask=pmask, scaling=0.3)
+    keys = torch.cat([pk[rows], ak], 2).repeat_interleave(heads // kv_heads, 1)
+    values = torch.cat([pv[rows], av], 2).repeat_interleave(heads // kv_heads, 1)
+    allowed = torch.ones(len(rows), 1, t, plen + past + t, dtype=torch.bool)
+    allowed[..., :plen] = pmask[rows][:, None, None, :]
+    for j in range(t):
+        allowed[:, :, j, plen + past + j + 1 :] = False
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=0.3)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["token-beam", "sequence-thorough"])
-def test_decoding_is_unchanged_by_sharing(mode):
-    gen = tiny_seq2seq_generator(seed=3)
+@pytest.mark.parametrize("kind", ["seq2seq", "decoder-only"])
+def test_decoding_is_unchanged_by_sharing(mode, kind):
+    gen = tiny_seq2seq_generator(seed=3) if kind == "seq2seq" else tiny_decoder_only_generator(seed=3)
     assert gen.shares_contexts
     opts = DecodeOptions(max_new_tokens=6, num_beams=3)
     if mode == "token-beam":
@@ -61,8 +90,10 @@ def test_decoding_is_unchanged_by_sharing(mode):
         torch.testing.assert_close(a.posterior, b.posterior, rtol=1e-4, atol=1e-5)
 
 
-def test_saved_generator_loads_with_plain_transformers(tmp_path):
-    gen = tiny_seq2seq_generator(seed=0)
+@pytest.mark.parametrize("kind", ["seq2seq", "decoder-only"])
+def test_saved_generator_loads_with_plain_transformers(tmp_path, kind):
+    gen = tiny_seq2seq_generator(seed=0) if kind == "seq2seq" else tiny_decoder_only_generator(seed=0)
     gen.save_pretrained(tmp_path)
     assert gen.shares_contexts and gen.model.config._attn_implementation == shared_context.NAME
-    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path).config._attn_implementation != shared_context.NAME
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    assert auto.from_pretrained(tmp_path).config._attn_implementation != shared_context.NAME

@@ -64,6 +64,11 @@ class Generator(nn.Module):
         self.model, self.tokenizer, self.name, self.max_input_length = model, tokenizer, name, max_input_length
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.shares_contexts = self._share_contexts()
+
+    def _share_contexts(self) -> bool:
+        """Switch the model to shared-context attention (`shared_context`) if its architecture allows."""
+        return False
 
     @property
     def device(self) -> torch.device:
@@ -82,7 +87,11 @@ class Generator(nn.Module):
         return self.model.get_output_embeddings().weight.shape[0]
 
     def save_pretrained(self, directory) -> None:
-        self.model.save_pretrained(directory)
+        shared_context.disable(self.model)  # the saved config names a standard attention implementation
+        try:
+            self.model.save_pretrained(directory)
+        finally:
+            self.shares_contexts = self._share_contexts()
         self.tokenizer.save_pretrained(directory)
 
     def prepare(self, questions: list[str], passages: list[list[Passage]], answers: list[str] | None = None):
@@ -165,16 +174,8 @@ class Seq2SeqGenerator(Generator):
     kind = "seq2seq"
     title_sep, doc_sep = " / ", " // "
 
-    def __init__(self, model: nn.Module, tokenizer, name: str, max_input_length: int = 512):
-        super().__init__(model, tokenizer, name, max_input_length)
-        self.shares_contexts = shared_context.enable(model)
-
-    def save_pretrained(self, directory) -> None:
-        shared_context.disable(self.model)  # the saved config names a standard attention implementation
-        try:
-            super().save_pretrained(directory)
-        finally:
-            self.shares_contexts = shared_context.enable(self.model)
+    def _share_contexts(self) -> bool:
+        return shared_context.enable_cross(self.model)
 
     def format_input(self, question: str, passage: Passage) -> str:
         prefix = getattr(self.model.config, "prefix", None) or ""
@@ -271,6 +272,9 @@ class DecoderOnlyGenerator(Generator):
     kind = "decoder-only"
     instruction = "Answer the question with a short phrase, using the passage if it helps."
 
+    def _share_contexts(self) -> bool:
+        return shared_context.enable_prompt(self.model)
+
     def format_prompt(self, question: str, passage: Passage) -> str:
         body = f"Title: {_clean_title(passage.title)}\nPassage: {passage.text}\nQuestion: {question}"
         if getattr(self.tokenizer, "chat_template", None):
@@ -348,10 +352,17 @@ class DecoderOnlyGenerator(Generator):
             use_cache=True,
             logits_to_keep=1,
         )
-        state = DecodeState(out.past_key_values, mask, {"next_position": mask.sum(-1)})
+        if self.shares_contexts:  # the prompt cache stays one copy per context; rows grow answer caches
+            state = DecodeState(None, mask.new_ones(len(mask), 0), {
+                "prompt": out.past_key_values, "prompt_mask": mask.bool(), "next_position": mask.sum(-1),
+                "context": torch.arange(len(mask), device=mask.device)})
+        else:
+            state = DecodeState(out.past_key_values, mask, {"next_position": mask.sum(-1)})
         return state, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
+        if self.shares_contexts:
+            return self._step_shared(state, tokens)
         new = tokens.view(tokens.shape[0], -1)  # (N, t)
         width = new.shape[1]
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(new.shape)], dim=1)
@@ -367,12 +378,33 @@ class DecoderOnlyGenerator(Generator):
         logits = out.logits[:, -1] if tokens.dim() == 1 else out.logits
         return state, torch.log_softmax(logits.float(), dim=-1)
 
-    def select(self, state: DecodeState, rows: Tensor, same_context: bool = False) -> DecodeState:
-        return DecodeState(
-            _select_cache(state.cache, rows),
-            state.attention_mask.index_select(0, rows),
-            {"next_position": state.extra["next_position"].index_select(0, rows)},
+    def _step_shared(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
+        """`step` with the prompt read from its one per-context copy; the cache holds answer tokens only."""
+        from transformers import DynamicCache
+
+        new = tokens.view(tokens.shape[0], -1)  # (N, t)
+        width, extra = new.shape[1], state.extra
+        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(new.shape)], dim=1)
+        position = extra["next_position"]
+        out = self.model(
+            input_ids=new,
+            attention_mask=mask,
+            position_ids=position.view(-1, 1) + torch.arange(width, device=position.device),
+            past_key_values=state.cache if state.cache is not None else DynamicCache(),
+            use_cache=True,
+            context_rows=extra["context"],
+            prompt_cache=extra["prompt"],
+            prompt_mask=extra["prompt_mask"],
         )
+        state = DecodeState(out.past_key_values, mask, {**extra, "next_position": position + width})
+        logits = out.logits[:, -1] if tokens.dim() == 1 else out.logits
+        return state, torch.log_softmax(logits.float(), dim=-1)
+
+    def select(self, state: DecodeState, rows: Tensor, same_context: bool = False) -> DecodeState:
+        extra = {**state.extra, "next_position": state.extra["next_position"].index_select(0, rows)}
+        if self.shares_contexts:
+            extra["context"] = state.extra["context"].index_select(0, rows)
+        return DecodeState(_select_cache(state.cache, rows), state.attention_mask.index_select(0, rows), extra)
 
 
 def load_generator(name_or_path: str, max_input_length: int = 512) -> Generator:

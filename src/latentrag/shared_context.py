@@ -1,15 +1,20 @@
-"""Cross-attention in which many decoder rows read one encoder context, stored once.
+"""Attention in which many decoding rows read one (question, passage) context that is stored once.
 
-Decoding runs beams × (question, passage) decoder rows over only B·k encoder contexts. Hugging Face copies
-each context's cross-attention keys/values once per beam (and again at every beam reorder): beams-fold
-memory and memory traffic in the one part of a decoding step that does almost no arithmetic. Here the
-cache keeps one copy per context; each decoder row carries the index of the context it reads
-(`context_rows`), and the rows of one context become extra queries of a single attention call over its
-keys/values. Cross-attention has no causal mask, so stacking queries changes nothing in the result.
+Decoding runs beams × (question, passage) rows (and thorough re-scoring candidates × passages rows) over
+only B·k contexts. Hugging Face keeps one copy of a context's keys/values per row and copies them again at
+every beam reorder: beams-fold memory and memory traffic, in the part of a step that does almost no
+arithmetic. Here each context's keys/values are stored once, each row carries the index of the context it
+reads (`context_rows`, (N,)), and the rows of one context become extra queries of one attention call over
+that context's keys/values. Queries never interact, so the result is the same attention.
 
-`enable(model)` switches a Hugging Face encoder-decoder to this attention (a registered attention
-implementation that is plain SDPA everywhere else) and returns False for architectures it does not know,
-whose generators then copy the cache as before.
+* seq2seq (BART, mBART, Marian, Pegasus, ...): the cross-attention cache holds one copy per context;
+* decoder-only (Llama, Qwen2/3): the prompt's self-attention cache holds one copy per context and each row
+  keeps only its own answer keys/values; a row attends to [its context's prompt | its answer so far] with
+  one softmax over both parts (joined through their log-sum-exps).
+
+`enable_cross(model)` / `enable_prompt(model)` switch a model to this attention (a registered attention
+implementation that is plain SDPA for every other call) and return False for architectures they do not
+know, whose generators then copy per row as before.
 """
 
 from __future__ import annotations
@@ -19,59 +24,142 @@ from torch import Tensor, nn
 
 NAME = "latentrag_shared_context"
 _MARK = "_latentrag_reads_context"
+PROMPT_MODELS = ("llama", "qwen2", "qwen3")  # plain causal self-attention with RoPE applied before caching
+
+
+def _grouping(context_rows: Tensor, contexts: int) -> tuple[Tensor | None, int]:
+    """Slot of every row in a (contexts, width) grid of the rows of each context (width = the most rows
+    any context has; empty slots are padding). None when the rows already are that grid, in order."""
+    rows = context_rows.shape[0]
+    counts = torch.bincount(context_rows, minlength=contexts)
+    width = int(counts.max())
+    order = torch.argsort(context_rows, stable=True)
+    if width * contexts == rows and torch.equal(order, torch.arange(rows, device=order.device)):
+        return None, width
+    ctx = context_rows[order]
+    slot = torch.arange(rows, device=order.device) - (torch.cumsum(counts, 0) - counts)[ctx]
+    grid = torch.empty_like(order)
+    grid[order] = ctx * width + slot
+    return grid, width
+
+
+def _to_grid(x: Tensor, grid: Tensor | None, contexts: int, width: int) -> Tensor:
+    """(N, ...) rows -> (contexts, width, ...) grid (zeros in empty slots)."""
+    if grid is None:
+        return x.view(contexts, width, *x.shape[1:])
+    out = x.new_zeros(contexts * width, *x.shape[1:])
+    out[grid] = x
+    return out.view(contexts, width, *x.shape[1:])
+
+
+def _from_grid(x: Tensor, grid: Tensor | None) -> Tensor:
+    """(contexts, width, ...) grid -> (N, ...) rows."""
+    flat = x.reshape(-1, *x.shape[2:])
+    return flat if grid is None else flat.index_select(0, grid)
+
+
+def _cross_attention(module, query, key, value, attention_mask, context_rows, **kwargs):
+    """Query row i (N, H, Tq, D) reads context context_rows[i] of the (C, H, L, D) keys/values."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    contexts, (_, heads, width, dim) = key.shape[0], query.shape
+    grid, per = _grouping(context_rows, contexts)
+    q = _to_grid(query, grid, contexts, per)  # (C, per, H, Tq, D)
+    q = q.transpose(1, 2).reshape(contexts, heads, per * width, dim)
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :1]  # a context's padding mask is the same for every query
+    out, weights = sdpa_attention_forward(module, q, key, value, attention_mask, **kwargs)  # (C, per·Tq, H, D)
+    return _from_grid(out.reshape(contexts, per, width, heads, dim), grid), weights
+
+
+def _prompt_attention(module, query, key, value, context_rows, prompt_cache, prompt_mask, scaling, **kwargs):
+    """Causal self-attention of answer rows: query (N, H, t, D) over [prompt of its context | its answer].
+
+    key/value (N, Hkv, a, D) are the row's answer keys/values (the last t are the queries' own positions);
+    prompt_cache holds (C, Hkv, Lp, D) per layer, prompt_mask (C, Lp) marks real prompt tokens.
+    """
+    layer = prompt_cache.layers[module.layer_idx]
+    p_key, p_value = layer.keys, layer.values
+    contexts, kv_heads, plen, dim = p_key.shape
+    rows, heads, t, _ = query.shape
+    group = heads // kv_heads
+    grid, per = _grouping(context_rows, contexts)
+
+    # prompt part, one matrix product per context: (C, Hkv, per·group·t, Lp)
+    q = _to_grid(query, grid, contexts, per).view(contexts, per, kv_heads, group, t, dim)
+    q = q.permute(0, 2, 1, 3, 4, 5).reshape(contexts, kv_heads, per * group * t, dim)
+    s = torch.matmul(q, p_key.transpose(-1, -2)) * scaling
+    s = s.masked_fill(~prompt_mask[:, None, None, :], float("-inf"))
+    p_lse = torch.logsumexp(s, -1, keepdim=True)
+    p_out = torch.matmul(torch.exp(s - p_lse), p_value)  # (C, Hkv, per·group·t, D)
+
+    def rows_of(x: Tensor) -> Tensor:  # (C, Hkv, per·group·t, E) -> (N, Hkv, group·t, E)
+        x = x.view(contexts, kv_heads, per, group * t, x.shape[-1]).transpose(1, 2)
+        return _from_grid(x, grid)
+
+    p_out, p_lse = rows_of(p_out), rows_of(p_lse)
+    # answer part, per row, causal: query j (answer position a - t + j) sees answer keys 0 .. a - t + j
+    qa = query.reshape(rows, kv_heads, group * t, dim)
+    s = torch.matmul(qa, key.transpose(-1, -2)) * scaling  # (N, Hkv, group·t, a)
+    if t > 1:
+        a = key.shape[2]
+        future = torch.arange(a, device=s.device) > (a - t + torch.arange(t, device=s.device))[:, None]  # (t, a)
+        s = s.masked_fill(future.repeat(group, 1), float("-inf"))
+    a_lse = torch.logsumexp(s, -1, keepdim=True)
+    a_out = torch.matmul(torch.exp(s - a_lse), value)
+    # one softmax over both parts
+    lse = torch.logaddexp(p_lse, a_lse)
+    out = p_out * torch.exp(p_lse - lse) + a_out * torch.exp(a_lse - lse)  # (N, Hkv, group·t, D)
+    return out.view(rows, heads, t, dim).transpose(1, 2).contiguous(), None
 
 
 def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-               context_rows: Tensor | None = None, **kwargs):
-    """SDPA; for a marked cross-attention module with `context_rows` (N,), query row i reads context
-    context_rows[i] of the (C, H, L, D) keys/values. Returns (N, Tq, H, D) as HF's attention functions."""
+               context_rows: Tensor | None = None, prompt_cache=None, prompt_mask: Tensor | None = None, **kwargs):
+    """The registered attention: shared-context cross- or prompt attention where the call carries the
+    row -> context map, SDPA otherwise. Returns (N, Tq, H, D) as HF's attention functions."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if context_rows is None or not getattr(module, _MARK, False):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    contexts, (rows, heads, width, dim) = key.shape[0], query.shape
-    counts = torch.bincount(context_rows, minlength=contexts)
-    if attention_mask is not None:
-        attention_mask = attention_mask[:, :, :1]  # a context's padding mask is the same for every query
-    if bool((counts != counts[0]).any()) or int(counts[0]) * contexts != rows:  # uneven: read copies
-        mask = None if attention_mask is None else attention_mask.index_select(0, context_rows)
-        return sdpa_attention_forward(module, query, key.index_select(0, context_rows),
-                                      value.index_select(0, context_rows), mask, **kwargs)
-    per = int(counts[0])
-    order = torch.argsort(context_rows, stable=True)
-    ordered = not torch.equal(order, torch.arange(rows, device=order.device))
-    q = query.index_select(0, order) if ordered else query
-    q = q.view(contexts, per, heads, width, dim).transpose(1, 2).reshape(contexts, heads, per * width, dim)
-    out, weights = sdpa_attention_forward(module, q, key, value, attention_mask, **kwargs)  # (C, per·Tq, H, D)
-    out = out.reshape(rows, width, heads, dim)
-    if ordered:
-        out = out.index_select(0, torch.argsort(order))
-    return out, weights
+    if context_rows is not None and prompt_cache is not None:
+        return _prompt_attention(module, query, key, value, context_rows, prompt_cache, prompt_mask,
+                                 kwargs["scaling"])
+    if context_rows is not None and getattr(module, _MARK, False):
+        return _cross_attention(module, query, key, value, attention_mask, context_rows, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register() -> None:
+def _use(model: nn.Module) -> bool:
+    """Switch `model` to the registered implementation, if it runs HF's SDPA attention interface."""
+    if not getattr(model, "_supports_sdpa", False):
+        return False
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", NAME):
+        return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
-
-
-def enable(model: nn.Module) -> bool:
-    """Use shared-context cross-attention in `model` if its cross-attention modules are the standard
-    `encoder_attn` layers driven by HF's attention interface (BART, mBART, Marian, Pegasus, ...)."""
-    if not getattr(model, "_supports_sdpa", False) or getattr(model.config, "_attn_implementation", None) not in (
-        "sdpa", NAME,
-    ):
-        return False
-    cross = [m for name, m in model.named_modules() if name.endswith("encoder_attn")]
-    if not cross:
-        return False
-    _register()
-    for m in cross:
-        setattr(m, _MARK, True)
     model.set_attn_implementation(NAME)
     return True
+
+
+def enable_cross(model: nn.Module) -> bool:
+    """Shared-context cross-attention for an encoder-decoder whose cross-attention layers are the standard
+    `encoder_attn` modules driven by HF's attention interface (BART, mBART, Marian, Pegasus, ...)."""
+    cross = [m for name, m in model.named_modules() if name.endswith("encoder_attn")]
+    if not cross or not _use(model):
+        return False
+    for m in cross:
+        setattr(m, _MARK, True)
+    return True
+
+
+def enable_prompt(model: nn.Module) -> bool:
+    """Shared-prompt self-attention for a decoder-only model with plain causal attention (no sliding
+    window, no soft-capping): Llama, Qwen2, Qwen3."""
+    config = model.config
+    if config.model_type not in PROMPT_MODELS or getattr(config, "use_sliding_window", False):
+        return False
+    return _use(model)
 
 
 def disable(model: nn.Module) -> None:
