@@ -74,3 +74,16 @@ def test_k_equal_to_n_returns_every_passage():
     ref_scores, ref_ids = _faiss(x, q, 40)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(scores, ref_scores)
+
+
+@pytest.mark.parametrize("n", [1, 5, 15, 16, 17])
+def test_fewer_passages_than_a_group(n):
+    """Indexes smaller than one top-k group (tiny corpora, unit-test indexes) search like faiss."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 8), dtype=np.float32)
+    q = rng.standard_normal((3, 8), dtype=np.float32)
+    k = min(3, n)
+    scores, ids = li._gemm_topk(torch.from_numpy(x), q, k)
+    ref_scores, ref_ids = _faiss(x, q, k)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(scores, ref_scores)

@@ -208,10 +208,10 @@ def _gemm_topk(matrix: torch.Tensor, queries: np.ndarray, k: int) -> tuple[np.nd
     block = min(n, max(TOPK_GROUP, SCORE_BLOCK // qb // TOPK_GROUP * TOPK_GROUP))
     groups = block // TOPK_GROUP
     full = n // block * block if block % TOPK_GROUP == 0 and groups > k else 0  # rows in regular blocks
-    per_flush = max(1, MAXIMA_BLOCK // (qb * groups))  # blocks whose maxima are reduced together
+    per_flush = max(1, MAXIMA_BLOCK // (qb * max(groups, 1)))  # blocks whose maxima are reduced together
     score_buffer = torch.empty(qb * block)
     maxima_buffer = torch.empty(qb * per_flush * groups) if full else None
-    offsets = torch.arange(0, block, groups)  # the columns of group j are j + offsets
+    offsets = torch.arange(0, block, groups) if full else None  # the columns of group j are j + offsets
     best_scores, best_ids = np.empty((b, k), np.float32), np.empty((b, k), np.int64)
     for qs in range(0, b, qb):
         part, part_np = q[qs : qs + qb], queries[qs : qs + qb]
