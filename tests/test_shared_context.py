@@ -26,7 +26,7 @@ def test_rows_read_their_context(context_rows):
     k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
     mask = torch.zeros(3, 1, 3, 5)
     mask[1, ..., 3:] = float("-inf")  # context 1 is padded
-    out, _ = shared_context._attention(module, q, k, v, mask, context_rows=rows, scaling=0.5)
+    out, _ = shared_context._attention(module, q, k, v, mask, context_grid=shared_context.ContextGrid.of(rows, 3), scaling=0.5)
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k[rows], v[rows], attn_mask=mask[rows], scale=0.5).transpose(1, 2)
     torch.testing.assert_close(out, expected)
@@ -59,7 +59,8 @@ def test_prompt_rows_read_their_context_and_own_answer():
     pmask[1, :2] = False  # context 1 is left-padded
     q = torch.randn(len(rows), heads, t, dim)
     ak, av = torch.randn(len(rows), kv_heads, past + t, dim), torch.randn(len(rows), kv_heads, past + t, dim)
-    out, _ = shared_context._attention(module, q, ak, av, None, context_rows=rows, prompt_cache=prompt,
+    out, _ = shared_context._attention(module, q, ak, av, None, context_grid=shared_context.ContextGrid.of(rows, contexts),
+                                       prompt_cache=prompt,
                                        prompt_mask=pmask, scaling=0.3)
     keys = torch.cat([pk[rows], ak], 2).repeat_interleave(heads // kv_heads, 1)
     values = torch.cat([pv[rows], av], 2).repeat_interleave(heads // kv_heads, 1)

@@ -239,7 +239,7 @@ class Seq2SeqGenerator(Generator):
             decoder_input_ids=tokens.view(tokens.shape[0], -1),
             past_key_values=state.cache,
             use_cache=True,
-            **({} if context is None else {"context_rows": context}),
+            **({} if context is None else {"context_grid": shared_context.ContextGrid.of(context, len(state.attention_mask))}),
         )
         state.cache = out.past_key_values
         logits = out.logits[:, -1] if tokens.dim() == 1 else out.logits
@@ -392,7 +392,7 @@ class DecoderOnlyGenerator(Generator):
             position_ids=position.view(-1, 1) + torch.arange(width, device=position.device),
             past_key_values=state.cache if state.cache is not None else DynamicCache(),
             use_cache=True,
-            context_rows=extra["context"],
+            context_grid=shared_context.ContextGrid.of(extra["context"], len(extra["prompt_mask"])),
             prompt_cache=extra["prompt"],
             prompt_mask=extra["prompt_mask"],
         )

@@ -4,7 +4,7 @@ Decoding runs beams × (question, passage) rows (and thorough re-scoring candida
 only B·k contexts. Hugging Face keeps one copy of a context's keys/values per row and copies them again at
 every beam reorder: beams-fold memory and memory traffic, in the part of a step that does almost no
 arithmetic. Here each context's keys/values are stored once, each row carries the index of the context it
-reads (`context_rows`, (N,)), and the rows of one context become extra queries of one attention call over
+reads (a `ContextGrid` built from (N,) context indices once per step), and the rows of one context become extra queries of one attention call over
 that context's keys/values. Queries never interact, so the result is the same attention.
 
 * seq2seq (BART, mBART, Marian, Pegasus, ...): the cross-attention cache holds one copy per context;
@@ -19,6 +19,8 @@ know, whose generators then copy per row as before.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -27,52 +29,58 @@ _MARK = "_latentrag_reads_context"
 PROMPT_MODELS = ("llama", "qwen2", "qwen3")  # plain causal self-attention with RoPE applied before caching
 
 
-def _grouping(context_rows: Tensor, contexts: int) -> tuple[Tensor | None, int]:
-    """Slot of every row in a (contexts, width) grid of the rows of each context (width = the most rows
-    any context has; empty slots are padding). None when the rows already are that grid, in order."""
-    rows = context_rows.shape[0]
-    counts = torch.bincount(context_rows, minlength=contexts)
-    width = int(counts.max())
-    order = torch.argsort(context_rows, stable=True)
-    if width * contexts == rows and torch.equal(order, torch.arange(rows, device=order.device)):
-        return None, width
-    ctx = context_rows[order]
-    slot = torch.arange(rows, device=order.device) - (torch.cumsum(counts, 0) - counts)[ctx]
-    grid = torch.empty_like(order)
-    grid[order] = ctx * width + slot
-    return grid, width
+@dataclass(frozen=True)
+class ContextGrid:
+    """Which context each of N rows reads, as slots of a (contexts, width) grid: the rows of one context
+    side by side (width = the most rows any context has; empty slots are padding). `slots` is None when
+    the rows already are that grid, in order. Computed once per decoding step, used by every layer."""
+
+    contexts: int
+    width: int
+    slots: Tensor | None
+
+    @classmethod
+    def of(cls, context_rows: Tensor, contexts: int) -> ContextGrid:
+        rows = context_rows.shape[0]
+        counts = torch.bincount(context_rows, minlength=contexts)
+        width = int(counts.max())
+        order = torch.argsort(context_rows, stable=True)
+        if width * contexts == rows and torch.equal(order, torch.arange(rows, device=order.device)):
+            return cls(contexts, width, None)
+        ctx = context_rows[order]
+        slot = torch.arange(rows, device=order.device) - (torch.cumsum(counts, 0) - counts)[ctx]
+        slots = torch.empty_like(order)
+        slots[order] = ctx * width + slot
+        return cls(contexts, width, slots)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(N, ...) rows -> (contexts, width, ...) grid (zeros in empty slots)."""
+        if self.slots is None:
+            return x.view(self.contexts, self.width, *x.shape[1:])
+        out = x.new_zeros(self.contexts * self.width, *x.shape[1:])
+        out[self.slots] = x
+        return out.view(self.contexts, self.width, *x.shape[1:])
+
+    def scatter(self, x: Tensor) -> Tensor:
+        """(contexts, width, ...) grid -> (N, ...) rows."""
+        flat = x.reshape(-1, *x.shape[2:])
+        return flat if self.slots is None else flat.index_select(0, self.slots)
 
 
-def _to_grid(x: Tensor, grid: Tensor | None, contexts: int, width: int) -> Tensor:
-    """(N, ...) rows -> (contexts, width, ...) grid (zeros in empty slots)."""
-    if grid is None:
-        return x.view(contexts, width, *x.shape[1:])
-    out = x.new_zeros(contexts * width, *x.shape[1:])
-    out[grid] = x
-    return out.view(contexts, width, *x.shape[1:])
-
-
-def _from_grid(x: Tensor, grid: Tensor | None) -> Tensor:
-    """(contexts, width, ...) grid -> (N, ...) rows."""
-    flat = x.reshape(-1, *x.shape[2:])
-    return flat if grid is None else flat.index_select(0, grid)
-
-
-def _cross_attention(module, query, key, value, attention_mask, context_rows, **kwargs):
-    """Query row i (N, H, Tq, D) reads context context_rows[i] of the (C, H, L, D) keys/values."""
+def _cross_attention(module, query, key, value, attention_mask, grid: ContextGrid, **kwargs):
+    """Query rows (N, H, Tq, D) read their contexts' (C, H, L, D) keys/values."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    contexts, (_, heads, width, dim) = key.shape[0], query.shape
-    grid, per = _grouping(context_rows, contexts)
-    q = _to_grid(query, grid, contexts, per)  # (C, per, H, Tq, D)
+    contexts, per, (_, heads, width, dim) = grid.contexts, grid.width, query.shape
+    q = grid.gather(query)  # (C, per, H, Tq, D)
     q = q.transpose(1, 2).reshape(contexts, heads, per * width, dim)
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :1]  # a context's padding mask is the same for every query
     out, weights = sdpa_attention_forward(module, q, key, value, attention_mask, **kwargs)  # (C, per·Tq, H, D)
-    return _from_grid(out.reshape(contexts, per, width, heads, dim), grid), weights
+    return grid.scatter(out.reshape(contexts, per, width, heads, dim)), weights
 
 
-def _prompt_attention(module, query, key, value, context_rows, prompt_cache, prompt_mask, scaling, **kwargs):
+def _prompt_attention(module, query, key, value, grid: ContextGrid, prompt_cache, prompt_mask, scaling):
     """Causal self-attention of answer rows: query (N, H, t, D) over [prompt of its context | its answer].
 
     key/value (N, Hkv, a, D) are the row's answer keys/values (the last t are the queries' own positions);
@@ -82,11 +90,10 @@ def _prompt_attention(module, query, key, value, context_rows, prompt_cache, pro
     p_key, p_value = layer.keys, layer.values
     contexts, kv_heads, plen, dim = p_key.shape
     rows, heads, t, _ = query.shape
-    group = heads // kv_heads
-    grid, per = _grouping(context_rows, contexts)
+    group, per = heads // kv_heads, grid.width
 
     # prompt part, one matrix product per context: (C, Hkv, per·group·t, Lp)
-    q = _to_grid(query, grid, contexts, per).view(contexts, per, kv_heads, group, t, dim)
+    q = grid.gather(query).view(contexts, per, kv_heads, group, t, dim)
     q = q.permute(0, 2, 1, 3, 4, 5).reshape(contexts, kv_heads, per * group * t, dim)
     s = torch.matmul(q, p_key.transpose(-1, -2)) * scaling
     s = s.masked_fill(~prompt_mask[:, None, None, :], float("-inf"))
@@ -95,7 +102,7 @@ def _prompt_attention(module, query, key, value, context_rows, prompt_cache, pro
 
     def rows_of(x: Tensor) -> Tensor:  # (C, Hkv, per·group·t, E) -> (N, Hkv, group·t, E)
         x = x.view(contexts, kv_heads, per, group * t, x.shape[-1]).transpose(1, 2)
-        return _from_grid(x, grid)
+        return grid.scatter(x)
 
     p_out, p_lse = rows_of(p_out), rows_of(p_lse)
     # answer part, per row, causal: query j (answer position a - t + j) sees answer keys 0 .. a - t + j
@@ -114,16 +121,17 @@ def _prompt_attention(module, query, key, value, context_rows, prompt_cache, pro
 
 
 def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-               context_rows: Tensor | None = None, prompt_cache=None, prompt_mask: Tensor | None = None, **kwargs):
+               context_grid: ContextGrid | None = None, prompt_cache=None, prompt_mask: Tensor | None = None,
+               **kwargs):
     """The registered attention: shared-context cross- or prompt attention where the call carries the
-    row -> context map, SDPA otherwise. Returns (N, Tq, H, D) as HF's attention functions."""
+    row -> context grid, SDPA otherwise. Returns (N, Tq, H, D) as HF's attention functions."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if context_rows is not None and prompt_cache is not None:
-        return _prompt_attention(module, query, key, value, context_rows, prompt_cache, prompt_mask,
+    if context_grid is not None and prompt_cache is not None:
+        return _prompt_attention(module, query, key, value, context_grid, prompt_cache, prompt_mask,
                                  kwargs["scaling"])
-    if context_rows is not None and getattr(module, _MARK, False):
-        return _cross_attention(module, query, key, value, attention_mask, context_rows, **kwargs)
+    if context_grid is not None and getattr(module, _MARK, False):
+        return _cross_attention(module, query, key, value, attention_mask, context_grid, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
