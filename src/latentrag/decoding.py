@@ -7,9 +7,10 @@ autoregressive transition, so greedy and beam search apply unchanged: every step
 RAG-Sequence. p(y|x) = Σ_z p_η(z|x) p_θ(y|x,z) does not factor over tokens. A beam search runs under each
 passage (B·k independent searches, again one forward per step); their hypotheses, deduplicated, form the
 candidate set Y of each question.
-  * thorough: every y ∈ Y is re-scored under every passage in one batched teacher-forced pass that reuses
-    the prefix computed once per (question, passage) (encoder outputs and cross-attention keys/values, or
-    the prompt's cache for decoder-only models), and the argmax of Σ_z p_η(z|x) p_θ(y|x,z) is returned;
+  * thorough: every y ∈ Y is scored under every passage: z's beam already scored the y it produced, and
+    the other (y, z) pairs of the whole batch are scored in one batched teacher-forced pass that reuses the
+    prefix computed once per (question, passage) (encoder outputs and cross-attention keys/values, or the
+    prompt's cache for decoder-only models); the argmax of Σ_z p_η(z|x) p_θ(y|x,z) is returned;
   * fast: p_θ(y|x,z) ≈ 0 when y did not come out of z's beam, so the beams' own scores suffice and no
     extra pass runs.
 
