@@ -17,14 +17,16 @@ def _faiss(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _blocks(monkeypatch, blocks):
-    for name, value in zip(("SCORE_BLOCK", "MAXIMA_BLOCK", "QUERY_BLOCK"), blocks, strict=True):
+    for name, value in zip(("SCORE_BLOCK", "MAXIMA_BLOCK", "QUERY_BLOCK", "RESCORE_AT"), blocks, strict=False):
         monkeypatch.setattr(li, name, value)
 
 
-# (SCORE_BLOCK, MAXIMA_BLOCK, QUERY_BLOCK): the defaults (one block); 1,000-passage blocks of 62 groups over
-# 8-query blocks (37 queries: a last block of 5), the maxima of all five reduced together, or two at a time
-# (2, 2, 1) with a 3-passage last block; 124-passage blocks, too few groups for a grouped top-k
-BLOCKS = [(1 << 22, 1 << 22, 256), (8_000, 1 << 22, 8), (8_000, 8 * 62 * 2, 8), (997, 1 << 22, 8)]
+# (SCORE_BLOCK, MAXIMA_BLOCK, QUERY_BLOCK[, RESCORE_AT]): the defaults (one block); 1,000-passage blocks of
+# 62 groups over 8-query blocks (37 queries: a last block of 5), the maxima of all five reduced together, or
+# two at a time (2, 2, 1) with a 3-passage last block, re-scoring the candidates at every step or not; blocks
+# of 997 // 8 rows, raised to 4·k groups (a narrower last block takes `_topk_grouped`), also for one query
+BLOCKS = [(1 << 23, 1 << 22, 256), (8_000, 1 << 22, 8), (8_000, 8 * 62 * 2, 8), (8_000, 8 * 62 * 2, 8, 1),
+          (997, 1 << 22, 8), (997, 1 << 22, 1)]
 
 
 @pytest.mark.parametrize("blocks", BLOCKS)

@@ -128,9 +128,10 @@ def _set_search_params(index: faiss.Index, params: dict) -> None:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
 
 
-SCORE_BLOCK = 1 << 22  # scores (float32, 16 MB) per matrix product: reduced while they are still in cache
+SCORE_BLOCK = 1 << 23  # scores (float32, 32 MB) per matrix product: reduced while they are still in cache
 MAXIMA_BLOCK = 1 << 22  # group maxima (16 MB) kept before choosing candidate groups among them
-QUERY_BLOCK = 256  # queries per matrix product, so a passage block still spans >= 16,384 passages
+QUERY_BLOCK = 256  # queries per matrix product, so a passage block still spans >= 32,768 passages
+RESCORE_AT = 4096  # candidates per query gathered before faiss re-scores them down to k
 TOPK_GROUP = 16  # scores per group in the grouped top-k
 
 
@@ -160,7 +161,8 @@ def _topk_grouped(scores: torch.Tensor, k: int, group: int = TOPK_GROUP) -> tupl
         return scores.topk(min(k, n), dim=1)
     m = g * group
     head = scores if m == n else scores[:, :m]
-    maxima = head.view(b, group, g).amax(1)  # (B, G): maximum of columns j, j + G, ..., j + (group-1)·G
+    # (B, G): maximum of columns j, j + G, ..., j + (group-1)·G; numpy on this thread (see `_gemm_topk`)
+    maxima = torch.from_numpy(np.max(head.numpy().reshape(b, group, g), axis=1))
     _, groups = maxima.topk(k, dim=1)
     cols = (groups[:, :, None] + torch.arange(0, m, g)).reshape(b, k * group)
     values, order = scores.gather(1, cols).topk(k, dim=1)
@@ -192,22 +194,25 @@ def _gemm_topk(matrix: torch.Tensor, queries: np.ndarray, k: int) -> tuple[np.nd
 
     faiss 1.15's flat search scores queries one by one unless there are 128,000 of them
     (`distance_compute_blas_threshold`), a memory-bound scan (~4 GFLOP/s here). Here each block of up to
-    256 queries × SCORE_BLOCK/256 passages is one BLAS product written into a reused 16 MB buffer and
+    256 queries × SCORE_BLOCK/256 passages is one BLAS product written into a reused 32 MB buffer and
     reduced, while still in cache, to the maxima of groups of 16 scores (strided columns j, j + G, ...).
-    Only two large operations per block: on a shared machine every extra parallel region can wait for a
-    descheduled thread. The top-k passages lie in the k groups with the largest maxima (see
-    `_topk_grouped`), so once per MAXIMA_BLOCK of maxima those k·16 candidates are re-scored exactly by
-    faiss's inner-product kernel: same ids and, bit for bit, the same scores as faiss's flat search.
-    A last block narrower than the others (or, for a large k, every block) goes through `_topk_grouped`
-    and the same re-scoring.
+    That reduction runs in numpy on the calling thread, as fast as torch's on two (it is memory-bound):
+    on a shared machine a short parallel region often waits for a worker thread that cannot get a core
+    (torch's amax of one block took 16 ms instead of 1 under load). The top-k passages lie in the k
+    groups with the largest maxima (see `_topk_grouped`), so once per MAXIMA_BLOCK of maxima those k·16
+    passages become candidates (a last, narrower block gives its `_topk_grouped` ids). faiss's own
+    inner-product kernel re-scores the candidates, once per query block unless they pass RESCORE_AT:
+    the same ids as faiss's flat search and, bit for bit, the same scores.
     """
     x = matrix.numpy()
     q = torch.from_numpy(queries)
     b, n = q.shape[0], matrix.shape[0]
     qb = min(b, QUERY_BLOCK)
-    block = min(n, max(TOPK_GROUP, SCORE_BLOCK // qb // TOPK_GROUP * TOPK_GROUP))
+    block = min(n, max(SCORE_BLOCK // qb, 4 * k * TOPK_GROUP) // TOPK_GROUP * TOPK_GROUP)
     groups = block // TOPK_GROUP
-    full = n // block * block if block % TOPK_GROUP == 0 and groups > k else 0  # rows in regular blocks
+    # rows in regular blocks: a whole number of groups, more than k of them (a block spans >= 64·k passages,
+    # so only an index smaller than one block can have k groups or fewer: it takes the last-block path)
+    full = n // block * block if block % TOPK_GROUP == 0 and groups > k else 0
     per_flush = max(1, MAXIMA_BLOCK // (qb * max(groups, 1)))  # blocks whose maxima are reduced together
     score_buffer = torch.empty(qb * block)
     maxima_buffer = torch.empty(qb * per_flush * groups) if full else None
@@ -216,32 +221,34 @@ def _gemm_topk(matrix: torch.Tensor, queries: np.ndarray, k: int) -> tuple[np.nd
     for qs in range(0, b, qb):
         part, part_np = q[qs : qs + qb], queries[qs : qs + qb]
         p = len(part)
-        found: list[tuple[np.ndarray, np.ndarray]] = []
+        candidates: list[torch.Tensor] = []  # (p, c) passage ids
+
+        def add(ids: torch.Tensor, part_np=part_np, candidates=candidates) -> None:
+            candidates.append(ids)
+            if sum(c.shape[1] for c in candidates) >= RESCORE_AT:
+                candidates[:] = [torch.from_numpy(_rescore(part_np, x, torch.cat(candidates, 1), k)[1])]
+
         if full:
             scores = score_buffer[: p * block].view(p, block)
             maxima = maxima_buffer[: p * per_flush * groups].view(p, per_flush * groups)
             filled, first = 0, 0
+            strided, maxima_np = scores.numpy().reshape(p, TOPK_GROUP, groups), maxima.numpy()
             for start in range(0, full, block):
                 torch.mm(part, matrix[start : start + block].T, out=scores)
-                torch.amax(scores.view(p, TOPK_GROUP, groups), 1, out=maxima[:, filled * groups : (filled + 1) * groups])
+                # numpy, on this thread: as fast as torch's two threads (memory-bound), and no thread to wake
+                np.max(strided, axis=1, out=maxima_np[:, filled * groups : (filled + 1) * groups])
                 filled += 1
                 if filled == per_flush or start + block == full:
                     _, top = maxima[:, : filled * groups].topk(k, dim=1)  # (p, k) groups of these blocks
                     cols = first + top // groups * block + top % groups
-                    found.append(_rescore(part_np, x, (cols[:, :, None] + offsets).reshape(p, k * TOPK_GROUP), k))
+                    add((cols[:, :, None] + offsets).reshape(p, k * TOPK_GROUP))
                     filled, first = 0, start + block
-        for start in range(full, n, block):  # a narrower last block, or blocks of too few groups for k
-            rows = matrix[start : start + block]
+        if full < n:  # the last block, narrower than the others (or the only one)
+            rows = matrix[full:]
             scores = score_buffer[: p * len(rows)].view(p, len(rows))
             torch.mm(part, rows.T, out=scores)
-            _, ids = _topk_grouped(scores, k)
-            found.append(_rescore(part_np, x, ids + start, k))
-        if len(found) == 1:
-            best_scores[qs : qs + p], best_ids[qs : qs + p] = found[0]
-        else:
-            values, order = torch.from_numpy(np.concatenate([s for s, _ in found], 1)).topk(k, dim=1)
-            best_scores[qs : qs + p] = values.numpy()
-            best_ids[qs : qs + p] = np.take_along_axis(np.concatenate([i for _, i in found], 1), order.numpy(), 1)
+            add(_topk_grouped(scores, k)[1] + full)
+        best_scores[qs : qs + p], best_ids[qs : qs + p] = _rescore(part_np, x, torch.cat(candidates, 1), k)
     return best_scores, best_ids
 
 
