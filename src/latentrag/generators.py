@@ -361,40 +361,23 @@ class DecoderOnlyGenerator(Generator):
         return state, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     def step(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
-        if self.shares_contexts:
-            return self._step_shared(state, tokens)
-        new = tokens.view(tokens.shape[0], -1)  # (N, t)
-        width = new.shape[1]
-        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(new.shape)], dim=1)
-        position = state.extra["next_position"]
-        out = self.model(
-            input_ids=new,
-            attention_mask=mask,
-            position_ids=position.view(-1, 1) + torch.arange(width, device=position.device),
-            past_key_values=state.cache,
-            use_cache=True,
-        )
-        state = DecodeState(out.past_key_values, mask, {"next_position": position + width})
-        logits = out.logits[:, -1] if tokens.dim() == 1 else out.logits
-        return state, torch.log_softmax(logits.float(), dim=-1)
-
-    def _step_shared(self, state: DecodeState, tokens: Tensor) -> tuple[DecodeState, Tensor]:
-        """`step` with the prompt read from its one per-context copy; the cache holds answer tokens only."""
         from transformers import DynamicCache
 
         new = tokens.view(tokens.shape[0], -1)  # (N, t)
-        width, extra = new.shape[1], state.extra
+        width, extra, cache, shared = new.shape[1], state.extra, state.cache, {}
+        if self.shares_contexts:  # the prompt is read from its one per-context copy; the cache holds answers
+            cache = cache if cache is not None else DynamicCache()
+            shared = dict(context_grid=shared_context.ContextGrid.of(extra["context"], len(extra["prompt_mask"])),
+                          prompt_cache=extra["prompt"], prompt_mask=extra["prompt_mask"])
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(new.shape)], dim=1)
         position = extra["next_position"]
         out = self.model(
             input_ids=new,
             attention_mask=mask,
             position_ids=position.view(-1, 1) + torch.arange(width, device=position.device),
-            past_key_values=state.cache if state.cache is not None else DynamicCache(),
+            past_key_values=cache,
             use_cache=True,
-            context_grid=shared_context.ContextGrid.of(extra["context"], len(extra["prompt_mask"])),
-            prompt_cache=extra["prompt"],
-            prompt_mask=extra["prompt_mask"],
+            **shared,
         )
         state = DecodeState(out.past_key_values, mask, {**extra, "next_position": position + width})
         logits = out.logits[:, -1] if tokens.dim() == 1 else out.logits
