@@ -169,10 +169,11 @@ def versus_hf(size: str, questions: int, k: int, beams: int, max_new: int, repea
         "sequence_fast_latentrag": lambda: rag_sequence_decode(gen, batch, log_prior, opts, "fast"),
     }
     # the same answers first: a speed comparison of different computations would mean nothing
+    thorough = runs["sequence_thorough_latentrag"]()
     same = {
         "token_beam": [d.token_ids for d in runs["token_beam_latentrag"]()]
         == [strip(r) for r in runs["token_beam_hf"]().tolist()],
-        "sequence_thorough": [d.token_ids for d in runs["sequence_thorough_latentrag"]()]
+        "sequence_thorough": [d.token_ids for d in thorough]
         == [strip(r) for r in runs["sequence_thorough_hf"]().tolist()],
     }
     token = alternate({n: runs[n] for n in ("token_beam_latentrag", "token_beam_hf")}, repeats)
@@ -188,7 +189,8 @@ def versus_hf(size: str, questions: int, k: int, beams: int, max_new: int, repea
         "setting": dict(model=f"random BART-{size}",
                         params_m=round(sum(p.numel() for p in gen.model.parameters()) / 1e6, 1),
                         questions=questions, k=k, beams=beams, max_new_tokens=max_new,
-                        context_tokens=batch.input_ids.shape[1], length_penalty=1.0, repeats=repeats),
+                        context_tokens=batch.input_ids.shape[1], length_penalty=1.0, repeats=repeats,
+                        sequence_candidates=[d.candidates for d in thorough]),
         "outputs_equal_hf": same,
         "seconds": {n: {c: round(v, 4) for c, v in times.items()} for n, times in t.items()},
         "speedup_token_beam_vs_hf": ratio("token_beam_hf", "token_beam_latentrag"),
@@ -287,6 +289,10 @@ def write_results(result: dict, command: str, name: str) -> None:
         f"{speed('speedup_sequence_thorough_vs_hf')} |",
         f"| RAG-Sequence fast | {cell('sequence_fast_latentrag')} | — | "
         f"{speed('speedup_fast_vs_thorough')} vs thorough |",
+        "",
+        f"RAG-Sequence candidates per question (distinct hypotheses of {s['k']}×{s['beams']} beams): "
+        f"{s['sequence_candidates']}. Random weights barely read the passage, so the beams of different passages "
+        "largely coincide and thorough decoding has few (y, z) pairs left to score.",
         "",
         f"Default generator (SmolLM2-135M-Instruct, fp32), {smol['setting']['questions']} question(s), "
         f"k={smol['setting']['k']} ({smol['setting']['prompt_tokens']} prompt tokens per passage row, prefill "
