@@ -309,6 +309,19 @@ def teacher_forced_logprobs(generator: Generator, state: DecodeState, first: Ten
     return torch.cat([out, torch.cat(rest, 0)], 1)
 
 
+@dataclass
+class Candidate:
+    """One RAG-Sequence answer hypothesis: log p_θ(y|x,z) (k,) and its per-token terms (k,T); −inf / 0 where
+    not (yet) computed."""
+
+    doc_ll: Tensor
+    token_lp: Tensor
+
+    @classmethod
+    def empty(cls, k: int, length: int, device) -> Candidate:
+        return cls(torch.full((k,), float("-inf"), device=device), torch.zeros(k, length, device=device))
+
+
 @torch.inference_mode()
 def rag_sequence_decode(generator: Generator, batch: GeneratorBatch, log_prior: Tensor,
                         opts: DecodeOptions | None = None, method: str = "thorough") -> list[Decoded]:
@@ -372,15 +385,3 @@ def rag_sequence_decode(generator: Generator, batch: GeneratorBatch, log_prior: 
         ))
     return out
 
-
-@dataclass
-class Candidate:
-    """One RAG-Sequence answer hypothesis: log p_θ(y|x,z) (k,) and its per-token terms (k,T); −inf / 0 where
-    not (yet) computed."""
-
-    doc_ll: Tensor
-    token_lp: Tensor
-
-    @classmethod
-    def empty(cls, k: int, length: int, device) -> Candidate:
-        return cls(torch.full((k,), float("-inf"), device=device), torch.zeros(k, length, device=device))
