@@ -49,13 +49,22 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def interleaved(a, b, repeats: int) -> tuple[list[float], list[float]]:
-    """Alternate a and b so load from other processes hits both alike."""
+def interleaved(a, b, repeats: int, settle: float = 0.0) -> tuple[list[float], list[float]]:
+    """Alternate a and b so load from other processes hits both alike; `settle` seconds of sleep (untimed)
+    before each call let the other's idle worker threads stop spinning first."""
     ta, tb = [], []
     for _ in range(repeats):
+        time.sleep(settle)
         ta += timed(a, 1)
+        time.sleep(settle)
         tb += timed(b, 1)
     return ta, tb
+
+
+# OpenBLAS (numpy) worker threads keep spinning for ~0.1 s after a product returns: a torch call started
+# right after one ran with one core fewer (flat search measured 0.5-0.8x of GEMM speed that way, 0.9-1.06x
+# with this pause before each of the two, 50k and 200k passages). Both sides get the same pause.
+SETTLE_S = 0.25
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -118,7 +127,8 @@ def _overhead(index: DenseIndex, queries: np.ndarray, repeats: int) -> dict:
 
 
 def bench_flat_gflops(n: int, dim: int, batch: int, repeats: int, root: Path) -> dict:
-    """DenseIndex.search on a flat index (exact top-10) vs numpy's GEMM producing the same (B, N) scores."""
+    """DenseIndex.search on a flat index (exact top-10) vs numpy's GEMM producing the same (B, N) scores,
+    interleaved, each call after a SETTLE_S pause; best of `repeats` each."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, dim), dtype=np.float32)
     q = rng.standard_normal((batch, dim), dtype=np.float32)
@@ -126,7 +136,8 @@ def bench_flat_gflops(n: int, dim: int, batch: int, repeats: int, root: Path) ->
     index = build_index_from_vectors(x, passages, root / "gflops", {"name": "synthetic", "sha256": "0"}, "flat")
     flops = 2.0 * batch * n * dim
     index.search(q, 10), q @ x.T, index.faiss.search(q, 10)  # warm up
-    t_ours, t_gemm = interleaved(lambda: index.search(q, 10), lambda: q @ x.T, repeats)
+    t_ours, t_gemm = interleaved(lambda: index.search(q, 10), lambda: q @ x.T, repeats, SETTLE_S)
+    time.sleep(SETTLE_S)
     t_faiss = timed(lambda: index.faiss.search(q, 10), max(1, repeats // 2))
     ours, gemm, raw = (flops / min(t) / 1e9 for t in (t_ours, t_gemm, t_faiss))
     return {
@@ -136,6 +147,13 @@ def bench_flat_gflops(n: int, dim: int, batch: int, repeats: int, root: Path) ->
         "raw_faiss_flat_gflops": raw,
         "ratio": ours / gemm,
     }
+
+
+def timed_build(vectors: np.ndarray, passages: list[Passage], identity: dict, root: Path,
+                kind: str) -> tuple[DenseIndex, float]:
+    t = time.perf_counter()
+    index = build_index_from_vectors(vectors, passages, root / kind, identity, kind)
+    return index, time.perf_counter() - t
 
 
 # ---- 3: recall vs exact --------------------------------------------------------------------------------
@@ -153,16 +171,21 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def bench_recall(vectors: np.ndarray, passages: list[Passage], identity: dict, queries: np.ndarray, root: Path,
-                 repeats: int, log, kinds: list[str]) -> dict:
-    exact = build_index_from_vectors(vectors, passages, root / "flat", identity, "flat")
+                 repeats: int, log, kinds: list[str], built: dict[str, tuple[DenseIndex, float]]) -> dict:
+    """`built`: indexes of these vectors already built in this run (kind -> index, build seconds), reused."""
+
+    def build(kind: str) -> tuple[DenseIndex, float]:
+        if kind not in built:
+            built[kind] = timed_build(vectors, passages, identity, root, kind)
+        return built[kind]
+
+    exact = build("flat")[0]
     _, truth = exact.search(queries, 10)
     t_flat = min(timed(lambda: exact.search(queries, 10), repeats))
     out = {"flat": {"qps": len(queries) / t_flat, "recall@10": 1.0}}
     for kind in kinds:
         knob, values = SWEEPS[kind]
-        t = time.perf_counter()
-        index = build_index_from_vectors(vectors, passages, root / kind, identity, kind)
-        build_s = time.perf_counter() - t
+        index, build_s = build(kind)
         default = index.search_params.get("efSearch" if knob == "ef_search" else "nprobe")
         rows = []
         for value in sorted(set(values) | {default}):
@@ -242,7 +265,9 @@ print(json.dumps({'before': base, 'loaded': loaded, 'searched': searched}))
 """
 
 
-def bench_rss(n: int, dim: int, root: Path) -> dict:
+def bench_rss(n: int, dim: int, root: Path, parallel: bool = False) -> dict:
+    """Memory of one child process that memory-maps the index and one that reads it (at once when `parallel`:
+    each child measures only its own memory, so running them together changes no figure, only the wall time)."""
     directory = root / "rss-flat"
     rng = np.random.default_rng(0)
     index = faiss.IndexFlatIP(dim)
@@ -257,10 +282,19 @@ def bench_rss(n: int, dim: int, root: Path) -> dict:
     file_bytes = (directory / "vectors.faiss").stat().st_size
     out = {"passages": n, "dim": dim, "index_file_bytes": file_bytes,
            "store_file_bytes": (directory / "passages.arrow").stat().st_size}
-    for mode, flag in (("mmap", "1"), ("read", "0")):
-        child = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(directory), flag], capture_output=True,
-                               text=True, check=True)
-        r = json.loads(child.stdout.strip().splitlines()[-1])
+    modes = (("mmap", "1"), ("read", "0"))
+
+    def child(flag: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _RSS_CHILD, str(directory), flag], stdout=subprocess.PIPE,
+                                text=True)
+
+    children = {mode: child(flag) for mode, flag in modes} if parallel else {}
+    for mode, flag in modes:
+        process = children.get(mode) or child(flag)
+        stdout, _ = process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"the {mode} memory child failed (exit {process.returncode})")
+        r = json.loads(stdout.strip().splitlines()[-1])
         out[mode] = {
             "rss_after_load_bytes": r["loaded"]["VmRSS"] - r["before"]["VmRSS"],
             "anon_after_load_bytes": r["loaded"]["RssAnon"] - r["before"]["RssAnon"],
@@ -307,25 +341,27 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{len(queries)} NQ dev questions encoded")
         identity = encoder.identity()
 
-        indexes = {kind: build_index_from_vectors(vectors, passages, root / f"overhead-{kind}", identity, kind)
-                   for kind in ("flat", "hnsw")}
-        results["search_overhead"] = bench_overhead(indexes, queries, 10 if quick else 40)
+        # built once, for the overhead and the recall figures
+        built = {kind: timed_build(vectors, passages, identity, root, kind) for kind in ("flat", "hnsw")}
+        results["search_overhead"] = bench_overhead({kind: built[kind][0] for kind in ("flat", "hnsw")}, queries,
+                                                    5 if quick else 40)
         log(f"search overhead {results['search_overhead']['overhead']:+.1%}")
 
-        results["flat_gflops"] = bench_flat_gflops(50_000 if quick else 200_000, 384, 256, 3 if quick else 7, root)
+        results["flat_gflops"] = bench_flat_gflops(50_000 if quick else 200_000, 384, 256, 5 if quick else 7, root)
         log(f"flat search {results['flat_gflops']['ratio']:.0%} of numpy GEMM")
 
         kinds = ["hnsw", "ivf-sq8"] if quick else list(SWEEPS)  # ivf-pq's PQ64 training takes ~1 min here
-        results["recall"] = bench_recall(vectors, passages, identity, queries, root, 2 if quick else 5, log, kinds)
+        results["recall"] = bench_recall(vectors, passages, identity, queries, root, 2 if quick else 5, log, kinds,
+                                         built)
         results["recall"]["corpus"] = {"passages": len(vectors), "questions": len(queries), "source": source,
                                        "dataset": "nq-dev (DPR split from the pyserini 0.21.0 jar)"}
 
-        size = 64 if quick else 256
+        size = 32 if quick else 256  # quick: one batch of 32 (the 3 passes per library took ~15 s at 64)
         sample = passages[:: max(1, len(passages) // size)][:size]
         results["encoding"] = bench_encoding(encoder, sample, 32, 2)
         log(f"encoding {results['encoding']['ratio']:.2f}x sentence-transformers")
 
-        results["memory"] = bench_rss(100_000 if quick else 1_000_000, 384, root)
+        results["memory"] = bench_rss(50_000 if quick else 1_000_000, 384, root, parallel=quick)
         log(f"mmap flat index: private memory {results['memory']['mmap']['private_memory_over_file']:.1%} "
             "of the file")
     finally:
