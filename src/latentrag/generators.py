@@ -87,11 +87,7 @@ class Generator(nn.Module):
         return self.model.get_output_embeddings().weight.shape[0]
 
     def save_pretrained(self, directory) -> None:
-        shared_context.disable(self.model)  # the saved config names a standard attention implementation
-        try:
-            self.model.save_pretrained(directory)
-        finally:
-            self.shares_contexts = self._share_contexts()
+        self.model.save_pretrained(directory)  # the attention implementation is not saved: plain HF loads it
         self.tokenizer.save_pretrained(directory)
 
     def prepare(self, questions: list[str], passages: list[list[Passage]], answers: list[str] | None = None):

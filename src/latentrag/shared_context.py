@@ -14,7 +14,7 @@ that context's keys/values. Queries never interact, so the result is the same at
 
 `enable_cross(model)` / `enable_prompt(model)` switch a model to this attention (a registered attention
 implementation that is plain SDPA for every other call) and return False for architectures they do not
-know, whose generators then copy per row as before.
+know, whose generators then copy per row as before. The choice is not saved with the model.
 """
 
 from __future__ import annotations
@@ -169,8 +169,3 @@ def enable_prompt(model: nn.Module) -> bool:
         return False
     return _use(model)
 
-
-def disable(model: nn.Module) -> None:
-    """Back to plain SDPA (e.g. before saving, so the saved config names a standard implementation)."""
-    if getattr(model.config, "_attn_implementation", None) == NAME:
-        model.set_attn_implementation("sdpa")
