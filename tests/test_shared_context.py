@@ -98,3 +98,23 @@ def test_saved_generator_loads_with_plain_transformers(tmp_path, kind):
     assert gen.shares_contexts and gen.model.config._attn_implementation == shared_context.NAME
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     assert auto.from_pretrained(tmp_path).config._attn_implementation != shared_context.NAME
+
+
+def test_unknown_architectures_keep_per_row_caches():
+    """A decoder-only model the shared prompt attention does not know (GPT-2) decodes with per-row caches."""
+    from tiny_models import llama_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from latentrag.generators import DecoderOnlyGenerator
+
+    tokenizer = llama_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                       n_positions=512, eos_token_id=tokenizer.eos_token_id)).eval()
+    gen = DecoderOnlyGenerator(model, tokenizer, "tiny-gpt2")
+    assert not gen.shares_contexts and model.config._attn_implementation != shared_context.NAME
+    passages = tiny_passages()
+    batch = gen.prepare(["who wrote hamlet"], [passages[:3]])
+    out = rag_sequence_decode(gen, batch, retrieval_log_prior(torch.tensor([[0.3, -0.2, 0.1]])),
+                              DecodeOptions(max_new_tokens=4, num_beams=2), "thorough")
+    assert len(out) == 1 and torch.isfinite(out[0].doc_log_likelihood).all()
