@@ -84,16 +84,21 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield lineno, line
 
 
-def read_jsonl(path: Path) -> Iterator[Document]:
-    """JSON lines with `text` and optional `id`, `title`; errors name the file and line."""
-    path = Path(path)
-    for lineno, line in _utf8_lines(path):
+def json_records(numbered_lines: Iterable[tuple[int, str]], where: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank JSON line; malformed JSON names the file and line."""
+    for lineno, line in numbered_lines:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise LatentRagError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
+            raise LatentRagError(f"{where}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
+
+
+def read_jsonl(path: Path) -> Iterator[Document]:
+    """JSON lines with `text` and optional `id`, `title`; errors name the file and line."""
+    path = Path(path)
+    for lineno, record in json_records(_utf8_lines(path), path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise LatentRagError(f"{path}:{lineno}: missing string field 'text' (each line needs {{\"text\": ...}})")
         title = record.get("title")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from latentrag.assets import cache_dir, pyserini_jar
 from latentrag.atomic import atomic_write_text
+from latentrag.corpus import json_records
 from latentrag.errors import LatentRagError
 
 
@@ -134,18 +135,10 @@ def _read_jsonl(path: Path) -> Iterator[QAExample]:
 
 def _parse_jsonl(lines: Iterable[str], where: str, stem: str) -> Iterator[QAExample]:
     """JSON lines with `question` and `answers` (list), `answer` (string or list) or `label` (string)."""
-    index = 0
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LatentRagError(f"{where}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
+    for index, (lineno, record) in enumerate(json_records(enumerate(lines, start=1), where)):
         if not isinstance(record, dict):
             raise LatentRagError(f"{where}:{lineno}: expected a JSON object with 'question' and 'answers'")
         yield _example(record, where, lineno, f"{stem}-{index}")
-        index += 1
 
 
 def _example(record: dict, where: str, lineno: int, default_id: str) -> QAExample:
