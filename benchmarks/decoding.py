@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from latentrag.corpus import Passage, read_corpus, split_passages
-from latentrag.decoding import DecodeOptions, rag_sequence_decode, rag_token_decode
-from latentrag.generators import Seq2SeqGenerator
+from latentrag.generation.decoding import DecodeOptions, rag_sequence_decode, rag_token_decode
+from latentrag.generation.generators import Seq2SeqGenerator
 from latentrag.marginals import retrieval_log_prior
+from latentrag.retrieval.corpus import Passage, read_corpus, split_passages
 from latentrag.threads import configure_threads
 
 RESULTS = Path(__file__).parent / "results"
@@ -203,8 +203,8 @@ def versus_hf(size: str, questions: int, k: int, beams: int, max_new: int, repea
 def smollm2_throughput(questions: int, k: int, max_new: int, beams: int, repeats: int, cases: tuple[str, ...]) -> dict:
     """Generated answer tokens per second of the default generator, k passages per question: end to end
     (prompt prefill included) and decoding only (after the prefill)."""
-    from latentrag.decoding import start_answers
-    from latentrag.generators import load_generator
+    from latentrag.generation.decoding import start_answers
+    from latentrag.generation.generators import load_generator
 
     gen = load_generator("smollm2")
     gen.model.eval()
@@ -221,7 +221,7 @@ def smollm2_throughput(questions: int, k: int, max_new: int, beams: int, repeats
         "sequence_thorough": lambda: rag_sequence_decode(gen, batch, log_prior,
                                                          DecodeOptions(max_new, num_beams=beams), "thorough"),
     }
-    from latentrag.decoding import TokenMarginal, search
+    from latentrag.generation.decoding import TokenMarginal, search
 
     def greedy_phases() -> tuple[float, float, int]:
         start = time.perf_counter()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from latentrag.atomic import atomic_write_text
-from latentrag.evaluate import (
+from latentrag.evaluation.evaluate import (
     PREDICTIONS,
     EvalSettings,
     evaluate,
@@ -29,7 +29,7 @@ from latentrag.evaluate import (
     retrieval_recall,
     select_examples,
 )
-from latentrag.report import write_comparison_report
+from latentrag.evaluation.report import write_comparison_report
 
 HERE = Path(__file__).resolve().parent
 RUNS = {

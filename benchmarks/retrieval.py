@@ -28,8 +28,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from latentrag.corpus import Passage, read_corpus, split_passages, write_passage_store
-from latentrag.index import (
+from latentrag.retrieval.corpus import Passage, read_corpus, split_passages, write_passage_store
+from latentrag.retrieval.index import (
     DenseIndex,
     Manifest,
     build_index_from_vectors,
@@ -88,7 +88,7 @@ def wiki_vectors(encoder, encode_limit: int | None, log) -> tuple[np.ndarray, li
 
 
 def nq_questions(n: int) -> list[str]:
-    from latentrag.datasets import load_dataset
+    from latentrag.evaluation.datasets import load_dataset
 
     return [ex.question for ex in load_dataset("nq-dev", limit=n)]
 
@@ -255,7 +255,7 @@ def status():
             name, value = line.split(':')
             fields[name] = int(value.split()[0]) * 1024
     return fields
-import latentrag.index as li
+import latentrag.retrieval.index as li
 base = status()
 index = li.DenseIndex.load(sys.argv[1], mmap=sys.argv[2] == '1')
 loaded = status()
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.time() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
-    from latentrag.encoders import DenseEncoder, freeze
+    from latentrag.retrieval.encoders import DenseEncoder, freeze
 
     encoder = freeze(DenseEncoder.from_pretrained("minilm"))
     results: dict = {

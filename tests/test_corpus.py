@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from latentrag.corpus import (
+from latentrag.errors import LatentRagError
+from latentrag.retrieval.corpus import (
     Document,
     Passage,
     PassageStore,
@@ -16,7 +17,6 @@ from latentrag.corpus import (
     split_passages,
     write_passage_store,
 )
-from latentrag.errors import LatentRagError
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

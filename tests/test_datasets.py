@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from latentrag.datasets import DATASETS, QAExample, load_dataset
 from latentrag.errors import LatentRagError
+from latentrag.evaluation.datasets import DATASETS, QAExample, load_dataset
 
 needs_pyserini = pytest.mark.skipif(
     importlib.util.find_spec("pyserini") is None, reason="pyserini==0.21.0 (the DPR splits) is not installed"

@@ -11,7 +11,8 @@ import torch
 from tiny_models import QUESTIONS, tiny_decoder_only_generator, tiny_passages, tiny_seq2seq_generator
 
 from latentrag import marginals
-from latentrag.decoding import (
+from latentrag.errors import LatentRagError
+from latentrag.generation.decoding import (
     DecodeOptions,
     PerDocument,
     marginal_logprobs,
@@ -20,8 +21,7 @@ from latentrag.decoding import (
     search,
     start_answers,
 )
-from latentrag.errors import LatentRagError
-from latentrag.generators import GeneratorBatch
+from latentrag.generation.generators import GeneratorBatch
 
 K = 3
 DOCS = [[0, 1, 4], [2, 3, 9]]
@@ -245,7 +245,7 @@ def test_lengths_and_end_of_sequence(generator, batch, log_prior):
 
 
 def test_greedy_equals_the_existing_greedy_api(generator, batch, log_prior):
-    from latentrag.decoding import rag_token_greedy
+    from latentrag.generation.decoding import rag_token_greedy
 
     with torch.inference_mode():
         a = rag_token_greedy(generator, batch, log_prior, max_new_tokens=5)
@@ -280,9 +280,9 @@ def test_options_are_checked():
 def rag_model(request, tmp_path_factory):
     from tiny_models import tiny_dense_encoder
 
-    from latentrag.index import build_index
     from latentrag.model import RagConfig, RagModel
-    from latentrag.retriever import Retriever
+    from latentrag.retrieval.index import build_index
+    from latentrag.retrieval.retriever import Retriever
 
     document_encoder = tiny_dense_encoder("dpr-context", seed=2)
     index = build_index(tiny_passages(), document_encoder, tmp_path_factory.mktemp("index"), progress=False)

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from latentrag import cli
-from latentrag.corpus import Passage
-from latentrag.datasets import QAExample
 from latentrag.errors import LatentRagError
-from latentrag.evaluate import (
+from latentrag.evaluation.datasets import QAExample
+from latentrag.evaluation.evaluate import (
     METRICS,
     PREDICTIONS,
     AnswerFinder,
@@ -22,7 +21,8 @@ from latentrag.evaluate import (
     rescore,
     score_records,
 )
-from latentrag.metrics import has_answer
+from latentrag.evaluation.metrics import has_answer
+from latentrag.retrieval.corpus import Passage
 
 PASSAGES = [
     Passage("paris#0", "Paris", "Paris is the capital and largest city of France, on the Seine."),
@@ -50,11 +50,11 @@ def toy(tmp_path_factory):
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from latentrag.assets import minilm_dir
-    from latentrag.encoders import DenseEncoder
-    from latentrag.generators import DecoderOnlyGenerator
-    from latentrag.index import build_index
+    from latentrag.generation.generators import DecoderOnlyGenerator
     from latentrag.model import RagConfig, RagModel
-    from latentrag.retriever import Retriever
+    from latentrag.retrieval.encoders import DenseEncoder
+    from latentrag.retrieval.index import build_index
+    from latentrag.retrieval.retriever import Retriever
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
@@ -106,7 +106,7 @@ def test_regex_match_never_spans_two_passages():
 
 def test_answerable_filter_on_toy_corpus_is_cached(toy, cache):
     model, data = toy
-    from latentrag.datasets import load_dataset
+    from latentrag.evaluation.datasets import load_dataset
 
     examples = load_dataset(data)
     ids = answerable_ids(examples, model.retriever.index, str(data))
@@ -140,7 +140,7 @@ def test_eval_writes_predictions_metrics_and_report(toy, tmp_path):
 
 
 def test_recall_at_k_matches_metrics_module(toy, tmp_path):
-    from latentrag.metrics import answer_recall_at_k
+    from latentrag.evaluation.metrics import answer_recall_at_k
 
     model, data = toy
     result = evaluate(model, settings(data), tmp_path / "run", progress=False)
@@ -308,8 +308,8 @@ def test_rag_sequence_runs_through_the_generate_interface(toy, tmp_path):
 
 
 def test_retrieval_recall_agrees_with_the_eval_loop(toy, tmp_path):
-    from latentrag.datasets import load_dataset
-    from latentrag.evaluate import retrieval_recall
+    from latentrag.evaluation.datasets import load_dataset
+    from latentrag.evaluation.evaluate import retrieval_recall
 
     model, data = toy
     result = evaluate(model, settings(data), tmp_path / "run", progress=False)

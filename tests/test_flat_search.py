@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import latentrag.index as li
+import latentrag.retrieval.index as li
 
 N, D = 5003, 24  # 5003 = 5·1000 + 3: a last passage block narrower than k
 

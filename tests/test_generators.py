@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import tiny_decoder_only_generator, tiny_passages, tiny_seq2seq_generator
 
-from latentrag.corpus import Passage
+from latentrag.retrieval.corpus import Passage
 
 QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?"]
 ANSWERS = ["Paris", "William Shakespeare wrote it"]

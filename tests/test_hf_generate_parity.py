@@ -30,7 +30,7 @@ from tiny_models import QUESTIONS, tiny_dense_encoder, tiny_passages, tiny_seq2s
 from transformers import RagConfig as HFRagConfig
 from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
-from latentrag.decoding import (
+from latentrag.generation.decoding import (
     DecodeOptions,
     PerDocument,
     rag_sequence_decode,
@@ -38,10 +38,10 @@ from latentrag.decoding import (
     search,
     start_answers,
 )
-from latentrag.index import build_index
 from latentrag.marginals import retrieval_log_prior
 from latentrag.model import RagConfig, RagModel
-from latentrag.retriever import Retriever
+from latentrag.retrieval.index import build_index
+from latentrag.retrieval.retriever import Retriever
 
 K = 4
 DOCS = [[0, 1, 4, 8], [2, 3, 9, 5], [4, 6, 7, 0]]

@@ -33,10 +33,10 @@ from transformers import RagConfig as HFRagConfig
 from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
 from latentrag import marginals
-from latentrag.index import build_index
 from latentrag.model import RagConfig, RagModel
 from latentrag.rag_types import RAG_TYPES
-from latentrag.retriever import Retriever
+from latentrag.retrieval.index import build_index
+from latentrag.retrieval.retriever import Retriever
 
 HF_CLASSES = {"sequence": RagSequenceForGeneration, "token": RagTokenForGeneration}
 RTOL = 1e-5

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from latentrag.corpus import Passage, read_corpus, split_passages
-from latentrag.encoders import DenseEncoder, freeze
 from latentrag.errors import LatentRagError
-from latentrag.index import (
+from latentrag.retrieval.corpus import Passage, read_corpus, split_passages
+from latentrag.retrieval.encoders import DenseEncoder, freeze
+from latentrag.retrieval.index import (
     EXACT,
     MANIFEST,
     DenseIndex,
@@ -29,8 +29,8 @@ from latentrag.index import (
     encode_passages,
     index_info,
 )
-from latentrag.index_plan import INDEX_TYPES, default_params, factory_string, memory_bytes, plan
-from latentrag.retriever import Retriever
+from latentrag.retrieval.index_plan import INDEX_TYPES, default_params, factory_string, memory_bytes, plan
+from latentrag.retrieval.retriever import Retriever
 from latentrag.threads import available_cores
 
 WORDS = 40
@@ -197,7 +197,7 @@ def test_sigkill_mid_build_leaves_nothing_valid_and_resume_matches(tmp_path, tin
     assert 3 <= done < total
 
     # resume re-encodes only the missing chunks and gives the uninterrupted result
-    import latentrag.index as index_module
+    import latentrag.retrieval.index as index_module
 
     encoded = []
     original = index_module.encode_passages
@@ -232,7 +232,7 @@ def test_sigkill_while_assembling_then_resume(tmp_path, tiny, tiny_dir):
 
 
 def test_resume_refuses_other_corpus_or_settings(tmp_path, tiny, corpus, monkeypatch):
-    import latentrag.index as index_module
+    import latentrag.retrieval.index as index_module
 
     out = tmp_path / "idx"
 
@@ -467,7 +467,7 @@ def test_minilm_index_retrieves_the_right_article(tmp_path):
 # ---- exact search as GEMM + grouped top-k ----------------------------------------------------------------
 @pytest.mark.parametrize("n", [5, 161, 1000, 70_001])
 def test_grouped_topk_equals_topk(n):
-    from latentrag.index import _topk_grouped
+    from latentrag.retrieval.index import _topk_grouped
 
     scores = torch.randn(6, n, generator=torch.Generator().manual_seed(n))
     for k in (1, 10, 50):
@@ -478,7 +478,7 @@ def test_grouped_topk_equals_topk(n):
 
 
 def test_flat_search_matches_faiss(tmp_path):
-    from latentrag.index import build_index_from_vectors
+    from latentrag.retrieval.index import build_index_from_vectors
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3000, 16), dtype=np.float32)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from latentrag.cli import main
-from latentrag.corpus import read_corpus, split_passages
-from latentrag.encoders import DenseEncoder, freeze
 from latentrag.errors import LatentRagError
-from latentrag.index import MANIFEST, DenseIndex, build_index
 from latentrag.model import RagModel
+from latentrag.retrieval.corpus import read_corpus, split_passages
+from latentrag.retrieval.encoders import DenseEncoder, freeze
+from latentrag.retrieval.index import MANIFEST, DenseIndex, build_index
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import unicodedata
 import pytest
 
 from latentrag.errors import LatentRagError
-from latentrag.metrics import (
+from latentrag.evaluation.metrics import (
     answer_recall_at_k,
     bleu,
     distinct_n,

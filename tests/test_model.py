@@ -6,8 +6,8 @@ from tiny_models import QUESTIONS, tiny_bart, tiny_dense_encoder, tiny_passages
 
 from latentrag import marginals
 from latentrag.errors import LatentRagError
-from latentrag.index import build_index
 from latentrag.model import RagModel
+from latentrag.retrieval.index import build_index
 
 ANSWERS = ["Paris", "William Shakespeare", "the Nile", "Mount Everest", "Neil Armstrong"]
 

@@ -6,8 +6,8 @@ import torch
 from tiny_models import tiny_decoder_only_generator, tiny_passages, tiny_seq2seq_generator
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from latentrag import shared_context
-from latentrag.decoding import DecodeOptions, rag_sequence_decode, rag_token_decode
+from latentrag.generation import shared_context
+from latentrag.generation.decoding import DecodeOptions, rag_sequence_decode, rag_token_decode
 from latentrag.marginals import retrieval_log_prior
 
 
@@ -105,7 +105,7 @@ def test_unknown_architectures_keep_per_row_caches():
     from tiny_models import llama_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from latentrag.generators import DecoderOnlyGenerator
+    from latentrag.generation.generators import DecoderOnlyGenerator
 
     tokenizer = llama_tokenizer()
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from latentrag.cli import main
-from latentrag.worked_examples import worked_examples
+from latentrag.evaluation.worked_examples import worked_examples
 
 
 def test_worked_examples_values_computed_by_hand():

@@ -15,9 +15,9 @@ Raw Hugging Face pieces (each returns `(model, tokenizer)`):
 
 Wrapped as latentrag objects:
 
-    tiny_seq2seq_generator()       latentrag.generators.Seq2SeqGenerator over tiny_bart()
-    tiny_decoder_only_generator()  latentrag.generators.DecoderOnlyGenerator over tiny_llama()
-    tiny_dense_encoder(kind)       latentrag.encoders.DenseEncoder over a tiny DPR tower or BERT
+    tiny_seq2seq_generator()       latentrag.generation.generators.Seq2SeqGenerator over tiny_bart()
+    tiny_decoder_only_generator()  latentrag.generation.generators.DecoderOnlyGenerator over tiny_llama()
+    tiny_dense_encoder(kind)       latentrag.retrieval.encoders.DenseEncoder over a tiny DPR tower or BERT
     tiny_passages()                a few `Passage`s (about the `CORPUS` sentences) to index and retrieve
 
     one_thread()                   context manager: torch and faiss on one thread while tiny models run.
@@ -40,7 +40,7 @@ from contextlib import contextmanager
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from latentrag.corpus import Passage
+from latentrag.retrieval.corpus import Passage
 
 __all__ = [
     "CORPUS",
@@ -297,7 +297,7 @@ def tiny_llama(seed: int = 0, tokenizer=None, chat_template: bool = False, init_
 
 def tiny_seq2seq_generator(seed: int = 0, max_input_length: int = 256, **config):
     """latentrag's Seq2SeqGenerator over `tiny_bart(seed, **config)` (the model is `generator.model`)."""
-    from latentrag.generators import Seq2SeqGenerator
+    from latentrag.generation.generators import Seq2SeqGenerator
 
     model, tokenizer = tiny_bart(seed, **config)
     return Seq2SeqGenerator(model, tokenizer, "tiny-bart", max_input_length)
@@ -305,7 +305,7 @@ def tiny_seq2seq_generator(seed: int = 0, max_input_length: int = 256, **config)
 
 def tiny_decoder_only_generator(seed: int = 0, chat_template: bool = False, max_input_length: int = 512, **config):
     """latentrag's DecoderOnlyGenerator over `tiny_llama(seed, chat_template=..., **config)`."""
-    from latentrag.generators import DecoderOnlyGenerator
+    from latentrag.generation.generators import DecoderOnlyGenerator
 
     model, tokenizer = tiny_llama(seed, chat_template=chat_template, **config)
     return DecoderOnlyGenerator(model, tokenizer, "tiny-llama", max_input_length)
@@ -322,7 +322,7 @@ def tiny_dense_encoder(kind: str = "dpr-question", seed: int = 0, pooling: str |
                        normalize: bool = False, max_length: int = 128, **config):
     """latentrag's DenseEncoder over a tiny tower: kind "dpr-question", "dpr-context" (pooler = [CLS]) or
     "bert" (CLS pooling by default; pass pooling="mean" for sentence-transformers style)."""
-    from latentrag.encoders import DenseEncoder
+    from latentrag.retrieval.encoders import DenseEncoder
 
     build, default_pooling = _TOWERS[kind]
     model, tokenizer = build(seed, **config)

@@ -31,7 +31,7 @@ def default_index_dir(corpus: str = "wiki-leads") -> Path:
 
 def ensure_default_index(progress: bool = True) -> Path:
     """The bundled wiki-leads index, built once (with a progress bar) and cached."""
-    from latentrag.index import MANIFEST
+    from latentrag.retrieval.index import MANIFEST
 
     directory = default_index_dir()
     if not (directory / MANIFEST).exists():
@@ -51,9 +51,9 @@ def load_model(args) -> object:
 
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_index_build(args) -> int:
-    from latentrag.corpus import read_corpus, split_passages
-    from latentrag.encoders import DenseEncoder, freeze
-    from latentrag.index import CHUNK_SIZE, build_index
+    from latentrag.retrieval.corpus import read_corpus, split_passages
+    from latentrag.retrieval.encoders import DenseEncoder, freeze
+    from latentrag.retrieval.index import CHUNK_SIZE, build_index
 
     out = Path(args.out) if args.out else default_index_dir(args.corpus)
     encoder = freeze(DenseEncoder.from_pretrained(args.encoder))
@@ -70,9 +70,9 @@ def cmd_index_build(args) -> int:
 
 
 def cmd_index_add(args) -> int:
-    from latentrag.corpus import read_corpus, split_passages
-    from latentrag.encoders import DenseEncoder, freeze
-    from latentrag.index import Manifest, add_to_index
+    from latentrag.retrieval.corpus import read_corpus, split_passages
+    from latentrag.retrieval.encoders import DenseEncoder, freeze
+    from latentrag.retrieval.index import Manifest, add_to_index
 
     manifest = Manifest.read(Path(args.directory))
     encoder = freeze(DenseEncoder.from_pretrained(
@@ -86,7 +86,7 @@ def cmd_index_add(args) -> int:
 
 
 def cmd_index_info(args) -> int:
-    from latentrag.index import index_info
+    from latentrag.retrieval.index import index_info
 
     info = index_info(args.directory)
     if args.json:
@@ -100,7 +100,7 @@ def cmd_index_info(args) -> int:
 
 
 def cmd_index_plan(args) -> int:
-    from latentrag.index_plan import format_plan, plan
+    from latentrag.retrieval.index_plan import format_plan, plan
 
     result = plan(args.passages, args.dim, types=args.index_type or None, exact_vectors=args.exact_vectors)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
@@ -130,7 +130,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_worked_examples(args) -> int:
-    from latentrag.worked_examples import render_text, worked_examples
+    from latentrag.evaluation.worked_examples import render_text, worked_examples
 
     results = worked_examples()
     print(json.dumps(results, indent=2) if args.json else render_text(results))
@@ -139,8 +139,8 @@ def cmd_worked_examples(args) -> int:
 
 def cmd_eval(args) -> int:
     """Evaluate (or, with --predictions, re-score) on a QA data set; one run per --k value."""
-    from latentrag.evaluate import EvalSettings, evaluate, rescore, select_examples
-    from latentrag.report import write_comparison_report
+    from latentrag.evaluation.evaluate import EvalSettings, evaluate, rescore, select_examples
+    from latentrag.evaluation.report import write_comparison_report
 
     if args.predictions:
         result = rescore(args.predictions, args.out)
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build and inspect dense indexes").add_subparsers(dest="index_command",
                                                                                             required=True)
     build = index.add_parser("build", help="encode a corpus into an index folder")
-    from latentrag.index_plan import INDEX_TYPES
+    from latentrag.retrieval.index_plan import INDEX_TYPES
 
     corpus_help = "'wiki-leads', a .jsonl/.tsv/.csv file, or a folder of .txt/.md files"
     build.add_argument("--corpus", default="wiki-leads", help=corpus_help)

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from latentrag.corpus import Passage
-from latentrag.encoders import DenseEncoder, freeze
 from latentrag.errors import LatentRagError
-from latentrag.generators import Generator, load_generator
-from latentrag.index import DenseIndex
+from latentrag.generation.generators import Generator, load_generator
 from latentrag.rag_types import rag_type
-from latentrag.retriever import RetrievedBatch, Retriever
+from latentrag.retrieval.corpus import Passage
+from latentrag.retrieval.encoders import DenseEncoder, freeze
+from latentrag.retrieval.index import DenseIndex
+from latentrag.retrieval.retriever import RetrievedBatch, Retriever
 
 CONFIG_FILE = "rag_config.json"
 
@@ -174,7 +174,7 @@ class RagModel(nn.Module):
         mode 'token' decodes 'greedy' (default) or 'beam'; mode 'sequence' decodes 'thorough' (default) or
         'fast'. num_beams defaults to 1 for greedy and 4 otherwise. options: min_new_tokens,
         length_penalty (0 = rank by log p(y|x); Hugging Face uses 1.0), early_stopping (see
-        `latentrag.decoding.DecodeOptions`).
+        `latentrag.generation.decoding.DecodeOptions`).
         """
         mode, k = self._check(mode, k)
         kind = rag_type(mode)

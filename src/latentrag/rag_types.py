@@ -7,9 +7,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from latentrag import marginals
-from latentrag.decoding import Decoded, DecodeOptions, rag_sequence_decode, rag_token_decode
 from latentrag.errors import LatentRagError
-from latentrag.generators import Generator, GeneratorBatch
+from latentrag.generation.decoding import Decoded, DecodeOptions, rag_sequence_decode, rag_token_decode
+from latentrag.generation.generators import Generator, GeneratorBatch
 
 
 class RagType:

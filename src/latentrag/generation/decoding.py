@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from latentrag.errors import LatentRagError
-from latentrag.generators import DecodeState, Generator, GeneratorBatch
+from latentrag.generation.generators import DecodeState, Generator, GeneratorBatch
 from latentrag.marginals import sequence_posterior, token_posterior
 
 NEG = -1.0e9  # "impossible" score for bookkeeping (as HF's beam search): finite, so sums stay ordered

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from latentrag.corpus import Passage
-from latentrag.encoders import DenseEncoder
 from latentrag.errors import LatentRagError
-from latentrag.index import DenseIndex
 from latentrag.marginals import retrieval_log_prior
+from latentrag.retrieval.corpus import Passage
+from latentrag.retrieval.encoders import DenseEncoder
+from latentrag.retrieval.index import DenseIndex
 
 
 @dataclass

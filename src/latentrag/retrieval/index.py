@@ -37,11 +37,11 @@ import torch
 from tqdm.auto import tqdm
 
 from latentrag.atomic import atomic_path, atomic_write_text, fsync_dir, replace_dir
-from latentrag.corpus import Passage, PassageStore, passage_digest, write_passage_store
-from latentrag.encoders import DenseEncoder
 from latentrag.errors import LatentRagError
-from latentrag.index_plan import INDEX_TYPES, default_params, factory_string
-from latentrag.index_plan import index_type as _index_type
+from latentrag.retrieval.corpus import Passage, PassageStore, passage_digest, write_passage_store
+from latentrag.retrieval.encoders import DenseEncoder
+from latentrag.retrieval.index_plan import INDEX_TYPES, default_params, factory_string
+from latentrag.retrieval.index_plan import index_type as _index_type
 from latentrag.threads import available_cores
 
 MANIFEST, VECTORS, PASSAGES, EXACT = "manifest.json", "vectors.faiss", "passages.arrow", "vectors.npy"

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from latentrag import shared_context
 from latentrag.assets import resolve_generator
-from latentrag.corpus import Passage
 from latentrag.errors import LatentRagError
+from latentrag.generation import shared_context
+from latentrag.retrieval.corpus import Passage
 
 
 @dataclass

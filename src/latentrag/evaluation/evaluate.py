@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from latentrag import metrics as M
 from latentrag.assets import cache_dir
 from latentrag.atomic import atomic_write_text
-from latentrag.datasets import DATASETS, QAExample, load_dataset
 from latentrag.errors import LatentRagError
+from latentrag.evaluation import metrics as M
+from latentrag.evaluation.datasets import DATASETS, QAExample, load_dataset
 
 PREDICTIONS, METRICS, RUN, REPORT = "predictions.jsonl", "metrics.json", "run.json", "report.md"
 RECALL_KS = (1, 5, 10, 20)
@@ -230,7 +230,7 @@ def _has_labels(dataset: str) -> bool:
 def closed_book_batch(generator, questions: list[str]):
     """Generator inputs with no passage (k=1): the question alone for seq2seq; for a decoder-only LM the
     RAG prompt without its Title/Passage lines (same chat template, instruction without the passage)."""
-    from latentrag.generators import GeneratorBatch
+    from latentrag.generation.generators import GeneratorBatch
 
     if generator.kind == "seq2seq":
         prefix = getattr(generator.model.config, "prefix", None) or ""
@@ -266,7 +266,7 @@ def closed_book_generate(generator, questions: list[str], max_new_tokens: int = 
     With one "document" of prior 1, RAG-Token's marginal is the generator's own distribution, so the
     shared greedy decoder is reused (log p(z|x) = 0 for the single empty context).
     """
-    from latentrag.decoding import rag_token_greedy
+    from latentrag.generation.decoding import rag_token_greedy
 
     if not questions:
         return []
@@ -432,7 +432,7 @@ def evaluate(
 
 def finish(records: list[dict], out: Path, run: dict) -> dict:
     """Score the records and write metrics.json and report.md atomically."""
-    from latentrag.report import write_run_report
+    from latentrag.evaluation.report import write_run_report
 
     result = {**run, "metrics": score_records(records, run.get("settings", {}).get("recall_ks", RECALL_KS),
                                              labels=run.get("data", {}).get("labels", False))}

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from latentrag.assets import cache_dir, pyserini_jar
 from latentrag.atomic import atomic_write_text
-from latentrag.corpus import json_records
 from latentrag.errors import LatentRagError
+from latentrag.retrieval.corpus import json_records
 
 
 @dataclass
