@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import latentrag.retrieval.index as li
+import latentrag.retrieval.index.flat_search as li
 
 N, D = 5003, 24  # 5003 = 5·1000 + 3: a last passage block narrower than k
 
@@ -36,11 +36,11 @@ def test_blocked_search_matches_faiss(monkeypatch, blocks, k):
     rng = np.random.default_rng(k)
     x = rng.standard_normal((N, D), dtype=np.float32)
     q = rng.standard_normal((37, D), dtype=np.float32)
-    scores, ids = li._gemm_topk(torch.from_numpy(x), q, k)
+    scores, ids = li.gemm_topk(torch.from_numpy(x), q, k)
     ref_scores, ref_ids = _faiss(x, q, k)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(scores, ref_scores)  # re-scored by faiss's own kernel: bit for bit
-    one_scores, one_ids = li._gemm_topk(torch.from_numpy(x), q[:1], k)  # a single query
+    one_scores, one_ids = li.gemm_topk(torch.from_numpy(x), q[:1], k)  # a single query
     np.testing.assert_array_equal(one_ids, ref_ids[:1])
     np.testing.assert_array_equal(one_scores, ref_scores[:1])
 
@@ -57,7 +57,7 @@ def test_ties_give_faiss_scores_and_tied_ids_in_any_order(monkeypatch, blocks):
     x[4000:4100] = x[:100]  # duplicated passages
     q = rng.integers(-1, 2, (37, 16)).astype(np.float32)
     k = 10
-    scores, ids = li._gemm_topk(torch.from_numpy(x), q, k)
+    scores, ids = li.gemm_topk(torch.from_numpy(x), q, k)
     ref_scores, _ = _faiss(x, q, k)
     np.testing.assert_array_equal(scores, ref_scores)
     exact = q @ x.T  # integer sums: exact in float32
@@ -72,7 +72,7 @@ def test_k_equal_to_n_returns_every_passage():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 8), dtype=np.float32)
     q = rng.standard_normal((3, 8), dtype=np.float32)
-    scores, ids = li._gemm_topk(torch.from_numpy(x), q, 40)
+    scores, ids = li.gemm_topk(torch.from_numpy(x), q, 40)
     ref_scores, ref_ids = _faiss(x, q, 40)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(scores, ref_scores)
@@ -85,7 +85,7 @@ def test_fewer_passages_than_a_group(n):
     x = rng.standard_normal((n, 8), dtype=np.float32)
     q = rng.standard_normal((3, 8), dtype=np.float32)
     k = min(3, n)
-    scores, ids = li._gemm_topk(torch.from_numpy(x), q, k)
+    scores, ids = li.gemm_topk(torch.from_numpy(x), q, k)
     ref_scores, ref_ids = _faiss(x, q, k)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(scores, ref_scores)

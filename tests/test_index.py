@@ -197,7 +197,7 @@ def test_sigkill_mid_build_leaves_nothing_valid_and_resume_matches(tmp_path, tin
     assert 3 <= done < total
 
     # resume re-encodes only the missing chunks and gives the uninterrupted result
-    import latentrag.retrieval.index as index_module
+    import latentrag.retrieval.index.build as index_module
 
     encoded = []
     original = index_module.encode_passages
@@ -232,7 +232,7 @@ def test_sigkill_while_assembling_then_resume(tmp_path, tiny, tiny_dir):
 
 
 def test_resume_refuses_other_corpus_or_settings(tmp_path, tiny, corpus, monkeypatch):
-    import latentrag.retrieval.index as index_module
+    import latentrag.retrieval.index.build as index_module
 
     out = tmp_path / "idx"
 
@@ -467,7 +467,7 @@ def test_minilm_index_retrieves_the_right_article(tmp_path):
 # ---- exact search as GEMM + grouped top-k ----------------------------------------------------------------
 @pytest.mark.parametrize("n", [5, 161, 1000, 70_001])
 def test_grouped_topk_equals_topk(n):
-    from latentrag.retrieval.index import _topk_grouped
+    from latentrag.retrieval.index.flat_search import _topk_grouped
 
     scores = torch.randn(6, n, generator=torch.Generator().manual_seed(n))
     for k in (1, 10, 50):

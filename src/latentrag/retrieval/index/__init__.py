@@ -1,0 +1,34 @@
+"""The dense index: document vectors d(z) in faiss for maximum inner product search (paper §2.2).
+
+`manifest` (the folder's files and what built them), `faiss_io` (reading, parameters, threads),
+`flat_search` (exact search as blocked GEMM), `dense_index` (the searcher), `build` (encode, assemble, add).
+"""
+
+from latentrag.retrieval.index.build import (
+    CHUNK_SIZE,
+    add_to_index,
+    build_index,
+    build_index_from_vectors,
+    chunk_count,
+    encode_passages,
+)
+from latentrag.retrieval.index.dense_index import DenseIndex, index_info
+from latentrag.retrieval.index.manifest import EXACT, MANIFEST, PASSAGES, VECTORS, Manifest
+from latentrag.retrieval.index_plan import INDEX_TYPES
+
+__all__ = [
+    "CHUNK_SIZE",
+    "EXACT",
+    "INDEX_TYPES",
+    "MANIFEST",
+    "PASSAGES",
+    "VECTORS",
+    "DenseIndex",
+    "Manifest",
+    "add_to_index",
+    "build_index",
+    "build_index_from_vectors",
+    "chunk_count",
+    "encode_passages",
+    "index_info",
+]
