@@ -9,6 +9,7 @@ inference at the base model's speed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from torch import nn
@@ -30,8 +31,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: f
 
     if rank < 1:
         raise LatentRagError(f"LoRA rank must be at least 1, got {rank}")
+    exclude = _EXCLUDE if any(re.fullmatch(_EXCLUDE, name) for name, _ in model.named_modules()) else None
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-                        target_modules="all-linear", exclude_modules=_EXCLUDE)
+                        target_modules="all-linear", exclude_modules=exclude)
     return inject_adapter_in_model(config, model)
 
 

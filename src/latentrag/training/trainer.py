@@ -372,7 +372,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
             if main:
                 _append_log(log_path, {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                                        "grad_norm": grad_norm, "examples": stream.position, "epoch": stream.epoch,
-                                       "seconds": seconds, "scale": float(model.retriever.log_scale.exp())})
+                                       "seconds": seconds, "scale": model.retriever.log_scale.detach().exp().item()})
             if step % s.eval_every == 0 or step == total_steps:
                 if main:
                     _validate(model, val_pairs, s, step, log_path, bar)
