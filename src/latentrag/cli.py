@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from latentrag.errors import LatentRagError
+from latentrag.errors import LatentRagError, LatentRagWarning
 
 SAMPLE_QUESTIONS = [
     "Who directed the film 2001: A Space Odyssey?",
@@ -21,6 +22,14 @@ def _quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our warnings as one plain line (like our errors); everything else as Python shows it."""
+    if issubclass(category, LatentRagWarning):
+        print(f"latentrag: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def load_model(args) -> object:
@@ -77,6 +86,10 @@ def cmd_index_plan(args) -> int:
 
 
 def cmd_ask(args) -> int:
+    from latentrag.generation.decoding import DecodeOptions
+
+    if args.max_new_tokens is not None:
+        DecodeOptions(max_new_tokens=args.max_new_tokens).check()  # before the model loads
     model = load_model(args)
     answers = model.generate([args.question], mode=args.mode, decoding=args.decoding, num_beams=args.beams,
                              k=args.k, max_new_tokens=args.max_new_tokens)
@@ -240,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         if args.command != "worked-examples":
             from latentrag.threads import configure_threads
@@ -253,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("latentrag: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":
