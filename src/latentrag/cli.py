@@ -121,6 +121,7 @@ def cmd_worked_examples(args) -> int:
 
 def cmd_eval(args) -> int:
     """Evaluate (or, with --predictions, re-score) on a QA data set; one run per --k value."""
+    from latentrag.evaluation.datasets import load_dataset
     from latentrag.evaluation.evaluate import EvalSettings, default_run_dir, evaluate_sweep, rescore
 
     if args.predictions:
@@ -136,7 +137,8 @@ def cmd_eval(args) -> int:
             answerable_only=args.answerable_only, limit=args.limit,
         )
         for k in args.k or [5]
-    ]  # settings are checked before the model loads
+    ]  # settings are checked before the model loads, and so is the data:
+    load_dataset(args.dataset)
     model = load_model(args)
     base = Path(args.out) if args.out else default_run_dir(runs[0])
     results = evaluate_sweep(model, runs, base, resume=args.resume)
