@@ -563,6 +563,13 @@ def test_default_build_goes_to_the_cache_one_folder_per_type(tmp_path, tiny_dir,
     assert hnsw.directory == tmp_path / "cache" / "indexes" / f"c-{name}-hnsw"
     assert DenseIndex.load(flat.directory).manifest.index_type == "flat"  # not replaced by the hnsw build
     assert sorted(p.name for p in corpus.parent.iterdir()) == ["c.jsonl"]  # nothing beside the corpus
+    assert flat.manifest.corpus == str(corpus.resolve())
+    namesake = write_corpus(tmp_path / "c.jsonl", 3)  # another corpus with the same file name
+    with pytest.raises(LatentRagError, match="holds the index of another corpus"):
+        build_corpus_index(namesake, encoder=str(tiny_dir), passage_words=WORDS, progress=False)
+    assert len(DenseIndex.load(flat.directory)) == len(flat)
+    rebuilt = build_corpus_index(corpus, encoder=str(tiny_dir), passage_words=WORDS, progress=False)
+    assert rebuilt.directory == flat.directory  # the same corpus rebuilds in place
 
 
 def _corrupt_count(directory: Path) -> None:

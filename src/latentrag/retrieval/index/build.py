@@ -508,12 +508,20 @@ def build_corpus_index(
     if passage_words < 1:
         raise LatentRagError(f"passage_words must be at least 1, got {passage_words}")
     _index_type(index_type)
+    source = str(corpus) if str(corpus) == DEFAULT_CORPUS else str(Path(corpus).expanduser().resolve())
     directory = check_index_target(default_index_dir(corpus, index_type, encoder) if out is None else out)
+    if out is None and (directory / MANIFEST).exists():
+        previous = Manifest.read(directory).corpus
+        if previous not in (None, source):  # two corpora with one file name share a default folder
+            raise LatentRagError(
+                f"the default folder {directory} holds the index of another corpus ({previous}): give --out, "
+                "or delete that folder to replace it"
+            )
     tower = freeze(DenseEncoder.from_pretrained(encoder))
     passages = split_passages(read_corpus(corpus), words=passage_words)
     return build_index(
         passages, tower, directory, index_type=index_type, batch_size=batch_size, progress=progress, resume=resume,
-        chunk_size=chunk_size, exact_vectors=exact_vectors, corpus=str(corpus), passage_words=passage_words,
+        chunk_size=chunk_size, exact_vectors=exact_vectors, corpus=source, passage_words=passage_words,
         encoder_source=_encoder_source(encoder),
     )
 
