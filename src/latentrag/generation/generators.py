@@ -99,8 +99,13 @@ class Generator(nn.Module):
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=self.adds_special_tokens)["input_ids"]]
 
     def check_prompt_budget(self, questions: list[str]) -> None:
-        """Refuse a question that alone fills the input budget: every passage would be cut away (or the
-        question itself), so p(z|x,y) would equal p(z|x) and the answer would not read the evidence."""
+        """Refuse a question that alone fills the input budget of a generator that cuts from the left
+        (decoder-only: the passage precedes the question): every passage would be cut away, so p(z|x,y)
+        would equal p(z|x) and the answer would not read the evidence. A generator that cuts from the right
+        (seq2seq, "passage // question", as Hugging Face's RAG) keeps the passage and loses the question's
+        end; `warn_truncation` says so."""
+        if self.truncates != "left":
+            return
         empty = Passage("", "", "")
         for i, n in enumerate(self._token_counts([self.input_text(q, empty) for q in questions])):
             if n >= self.max_input_length:
