@@ -35,7 +35,6 @@ from latentrag.evaluation.datasets import DATASETS, QAExample, load_dataset
 
 PREDICTIONS, METRICS, RUN, REPORT = "predictions.jsonl", "metrics.json", "run.json", "report.md"
 RECALL_KS = (1, 5, 10, 20)
-CLOSED_BOOK_INSTRUCTION = "Answer the question with a short phrase."
 
 
 @dataclass
@@ -228,35 +227,10 @@ def _has_labels(dataset: str) -> bool:
 
 # ---- closed-book baseline ---------------------------------------------------------------------------
 def closed_book_batch(generator, questions: list[str]):
-    """Generator inputs with no passage (k=1): the question alone for seq2seq; for a decoder-only LM the
-    RAG prompt without its Title/Passage lines (same chat template, instruction without the passage)."""
-    from latentrag.generation.generators import GeneratorBatch
-
-    if generator.kind == "seq2seq":
-        prefix = getattr(generator.model.config, "prefix", None) or ""
-        texts, side = [prefix + q for q in questions], None
-    else:
-        tok = generator.tokenizer
-        body = f"{CLOSED_BOOK_INSTRUCTION}\n\nQuestion: {{q}}"
-        if getattr(tok, "chat_template", None):
-            texts = [
-                tok.apply_chat_template([{"role": "user", "content": body.format(q=q)}], tokenize=False,
-                                        add_generation_prompt=True)
-                for q in questions
-            ]
-        else:
-            texts = [body.format(q=q) + "\nAnswer:" for q in questions]
-        side = "left"
-    tok = generator.tokenizer
-    old = tok.padding_side, tok.truncation_side
-    if side:
-        tok.padding_side = tok.truncation_side = side
-    try:
-        enc = tok(texts, padding=True, truncation=True, max_length=generator.max_input_length,
-                  add_special_tokens=generator.kind == "seq2seq", return_tensors="pt")
-    finally:
-        tok.padding_side, tok.truncation_side = old
-    return GeneratorBatch(enc["input_ids"].to(generator.device), enc["attention_mask"].to(generator.device), 1)
+    """Generator inputs with no passage (k=1), formatted by the generator itself
+    (`Generator.prepare_closed_book`: the bare question for seq2seq; for a decoder-only LM the RAG prompt
+    without its Title/Passage lines)."""
+    return generator.prepare_closed_book(questions)
 
 
 @torch.inference_mode()
