@@ -89,6 +89,12 @@ def smollm2_dir() -> Path:
     return target
 
 
+def default_index_dir(corpus: str = DEFAULT_CORPUS, index_type: str = "flat") -> Path:
+    """The cache folder of the index of `corpus` by the bundled encoder: `{corpus}-minilm-{index_type}`
+    (the default, `wiki-leads-minilm-flat`, is the name caches have always used)."""
+    return cache_dir() / "indexes" / f"{corpus}-{DEFAULT_ENCODER}-{index_type}"
+
+
 def resolve_encoder(name_or_path: str) -> str:
     """Map the short name of a bundled encoder to its folder; anything else passes through (hub name or path)."""
     return str(minilm_dir()) if name_or_path == "minilm" else name_or_path

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER, default_index_dir
+from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS, PASSAGE_WORDS
 from latentrag.errors import LatentRagError
 
 SAMPLE_QUESTIONS = [
@@ -23,20 +25,15 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def default_index_dir(corpus: str = "wiki-leads") -> Path:
-    from latentrag.assets import cache_dir
-
-    return cache_dir() / "indexes" / f"{corpus}-minilm-flat"
-
-
 def ensure_default_index(progress: bool = True) -> Path:
     """The bundled wiki-leads index, built once (with a progress bar) and cached."""
     from latentrag.retrieval.index import MANIFEST
 
     directory = default_index_dir()
     if not (directory / MANIFEST).exists():
-        cmd_index_build(argparse.Namespace(corpus="wiki-leads", out=str(directory), index_type="flat",
-                                           passage_words=100, encoder="minilm", batch_size=64, quiet=not progress))
+        cmd_index_build(argparse.Namespace(corpus=DEFAULT_CORPUS, out=str(directory), index_type="flat",
+                                           passage_words=PASSAGE_WORDS, encoder=DEFAULT_ENCODER, batch_size=64,
+                                           quiet=not progress))
     return directory
 
 
@@ -76,8 +73,8 @@ def cmd_index_add(args) -> int:
 
     manifest = Manifest.read(Path(args.directory))
     encoder = freeze(DenseEncoder.from_pretrained(
-        args.encoder or manifest.encoder_source or manifest.encoder.get("name", "minilm")))
-    words = args.passage_words or manifest.passage_words or 100
+        args.encoder or manifest.encoder_source or manifest.encoder.get("name", DEFAULT_ENCODER)))
+    words = args.passage_words or manifest.passage_words or PASSAGE_WORDS
     passages = split_passages(read_corpus(args.corpus), words=words)
     before = manifest.count
     index = add_to_index(args.directory, passages, encoder, batch_size=args.batch_size, progress=not args.quiet)
@@ -149,7 +146,7 @@ def cmd_eval(args) -> int:
     if not args.dataset:
         raise LatentRagError("give --dataset NAME|PATH.jsonl to evaluate, or --predictions FILE to re-score")
     model = load_model(args)
-    ks = args.k or [5]
+    ks = args.k or [DEFAULT_K]
     base = Path(args.out) if args.out else Path("eval-runs") / (
         f"{Path(args.dataset).stem}-{'closed-book' if args.closed_book else args.mode}")
     results = []
@@ -176,7 +173,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     ensure_default_index()
     model = load_model(args)
-    for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=5):
+    for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=DEFAULT_K):
         print(f"Q: {answer.question}\nA: {answer.text}")
         for p, prob in zip(answer.passages[:3], answer.doc_probs[:3], strict=True):
             print(f"   p(z|x)={prob:.3f}  {p.title}")
@@ -196,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     from latentrag.retrieval.index_plan import INDEX_TYPES
 
     corpus_help = "'wiki-leads', a .jsonl/.tsv/.csv file, or a folder of .txt/.md files"
-    build.add_argument("--corpus", default="wiki-leads", help=corpus_help)
+    build.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help)
     build.add_argument("--out", default=None, help="index folder (default: the cache)")
     build.add_argument("--index-type", default="flat", choices=list(INDEX_TYPES))
-    build.add_argument("--passage-words", type=int, default=100)
-    build.add_argument("--encoder", default="minilm", help="document tower (default: bundled MiniLM)")
+    build.add_argument("--passage-words", type=int, default=PASSAGE_WORDS)
+    build.add_argument("--encoder", default=DEFAULT_ENCODER, help="document tower (default: bundled MiniLM)")
     build.add_argument("--batch-size", type=int, default=64)
     build.add_argument("--chunk-size", type=int, default=4096, help="passages encoded per saved chunk")
     build.add_argument("--resume", action="store_true", help="continue an interrupted build from its last chunk")
@@ -237,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"], default=None,
                      help="token: greedy (default) | beam; sequence: thorough (default) | fast")
     ask.add_argument("--beams", type=int, default=None, help="beam size (default: 1 for greedy, else 4)")
-    ask.add_argument("--k", type=int, default=5, help="passages retrieved and marginalised over")
+    ask.add_argument("--k", type=int, default=DEFAULT_K, help="passages retrieved and marginalised over")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: model's)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
@@ -263,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beams", type=int, default=None, help="beams (default: 1 for greedy, else the model's)")
     ev.add_argument("--k", type=int, nargs="+", default=None, help="passages per question; several = a sweep")
     ev.add_argument("--closed-book", action="store_true", help="the generator alone, no retrieval")
-    ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

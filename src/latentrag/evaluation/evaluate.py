@@ -29,6 +29,7 @@ import torch
 
 from latentrag.assets import cache_dir
 from latentrag.atomic import atomic_write_text
+from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.evaluation import metrics as M
 from latentrag.evaluation.datasets import DATASETS, QAExample, load_dataset
@@ -45,9 +46,9 @@ class EvalSettings:
     mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence); ignored when closed_book
     decoding: str | None = None  # None: the mode's default (RAG-Token greedy, RAG-Sequence thorough)
     num_beams: int | None = None  # None: the decoding's default (1 for greedy, else the model's)
-    k: int = 5
+    k: int = DEFAULT_K
     closed_book: bool = False
-    max_new_tokens: int = 24
+    max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 4
     answerable_only: bool = False
     limit: int | None = None
@@ -234,7 +235,7 @@ def closed_book_batch(generator, questions: list[str]):
 
 
 @torch.inference_mode()
-def closed_book_generate(generator, questions: list[str], max_new_tokens: int = 24) -> list[str]:
+def closed_book_generate(generator, questions: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """The paper's parametric-only baseline: greedy decoding with the generator alone, no retrieval.
 
     With one "document" of prior 1, RAG-Token's marginal is the generator's own distribution, so the

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from latentrag.defaults import MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.generation.generators import DecodeState, Generator, GeneratorBatch
 from latentrag.marginals import sequence_posterior, token_posterior
@@ -53,7 +54,7 @@ class DecodeOptions:
     length_penalty > 0).
     """
 
-    max_new_tokens: int = 32
+    max_new_tokens: int = MAX_NEW_TOKENS
     min_new_tokens: int = 0
     num_beams: int = 4
     length_penalty: float = 0.0
@@ -285,7 +286,7 @@ def rag_token_decode(generator: Generator, batch: GeneratorBatch, log_prior: Ten
     return out
 
 
-def rag_token_greedy(generator: Generator, batch: GeneratorBatch, log_prior: Tensor, max_new_tokens: int = 32,
+def rag_token_greedy(generator: Generator, batch: GeneratorBatch, log_prior: Tensor, max_new_tokens: int = MAX_NEW_TOKENS,
                      min_new_tokens: int = 0) -> list[Decoded]:
     """Greedy RAG-Token decoding: at each step the argmax of the marginal p'(y_i|x,y_<i)."""
     return rag_token_decode(generator, batch, log_prior, DecodeOptions(max_new_tokens, min_new_tokens, 1))

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from latentrag.assets import wiki_leads_json
 from latentrag.atomic import atomic_path
+from latentrag.defaults import PASSAGE_WORDS
 from latentrag.errors import LatentRagError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -212,7 +213,7 @@ def read_corpus(source: str | Path) -> Iterator[Document]:
 
 
 # ---- splitting ----------------------------------------------------------------------------------------
-def split_passages(documents: Iterable[Document], words: int = 100) -> Iterator[Passage]:
+def split_passages(documents: Iterable[Document], words: int = PASSAGE_WORDS) -> Iterator[Passage]:
     """Disjoint passages of `words` words (the last may be shorter), each keeping its document's title.
 
     A trailing piece shorter than a quarter passage is merged into the previous one, so no passage is a
