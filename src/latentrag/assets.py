@@ -45,6 +45,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latentrag"
 
 
+def default_index_dir(corpus: str | os.PathLike = DEFAULT_CORPUS, index_type: str = "flat",
+                      encoder: str = DEFAULT_ENCODER) -> Path:
+    """Where `index build` puts an index when no folder is given: the cache, one folder per corpus, encoder
+    and index type (so an HNSW build never replaces the flat one). The bundled default stays at
+    `indexes/wiki-leads-minilm-flat`, the name earlier versions used."""
+    corpus_name = str(corpus)
+    stem = corpus_name if corpus_name == DEFAULT_CORPUS else (Path(corpus_name).expanduser().stem or "corpus")
+    encoder_name = Path(str(encoder).rstrip("/")).name.lower() or "encoder"
+    return cache_dir() / "indexes" / f"{stem}-{encoder_name}-{index_type}"
+
+
 def minilm_dir() -> Path:
     return package_dir("minilm") / "model"
 
@@ -87,12 +98,6 @@ def smollm2_dir() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
-
-
-def default_index_dir(corpus: str = DEFAULT_CORPUS, index_type: str = "flat") -> Path:
-    """The cache folder of the index of `corpus` by the bundled encoder: `{corpus}-minilm-{index_type}`
-    (the default, `wiki-leads-minilm-flat`, is the name caches have always used)."""
-    return cache_dir() / "indexes" / f"{corpus}-{DEFAULT_ENCODER}-{index_type}"
 
 
 def resolve_encoder(name_or_path: str) -> str:
