@@ -149,9 +149,9 @@ def cmd_eval(args) -> int:
     if not args.dataset:
         raise LatentRagError("give --dataset NAME|PATH.jsonl to evaluate, or --predictions FILE to re-score")
     model = load_model(args)
-    ks = args.k or [5]
+    ks = args.k or [None]  # None: the model's k
     base = Path(args.out) if args.out else Path("eval-runs") / (
-        f"{Path(args.dataset).stem}-{'closed-book' if args.closed_book else args.mode}")
+        f"{Path(args.dataset).stem}-{'closed-book' if args.closed_book else args.mode or model.config.mode}")
     results = []
     for k in ks:
         settings = EvalSettings(
@@ -233,11 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question and show the passages it came from")
     ask.add_argument("question")
-    ask.add_argument("--mode", choices=["token", "sequence"], default="token")
+    ask.add_argument("--mode", choices=["token", "sequence"], default=None,
+                     help="RAG-Token or RAG-Sequence (default: the model's, token for the bundled models)")
     ask.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"], default=None,
                      help="token: greedy (default) | beam; sequence: thorough (default) | fast")
-    ask.add_argument("--beams", type=int, default=None, help="beam size (default: 1 for greedy, else 4)")
-    ask.add_argument("--k", type=int, default=5, help="passages retrieved and marginalised over")
+    ask.add_argument("--beams", type=int, default=None,
+                     help="beam size (default: 1 for greedy, else the model's num_beams, 4 for the bundled models)")
+    ask.add_argument("--k", type=int, default=None,
+                     help="passages retrieved and marginalised over (default: the model's, 5 for the bundled models)")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: model's)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
@@ -257,13 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answerable-only", action="store_true",
                     help="keep questions with a gold answer in some passage of the index")
     ev.add_argument("--limit", type=int, default=None, help="first N questions (after the answerable filter)")
-    ev.add_argument("--mode", choices=["token", "sequence"], default="token")
+    ev.add_argument("--mode", choices=["token", "sequence"], default=None,
+                    help="RAG-Token or RAG-Sequence (default: the model's, token for the bundled models)")
     ev.add_argument("--decoding", default=None,
                     help="greedy|beam (token, default greedy), thorough|fast (sequence, default thorough)")
-    ev.add_argument("--beams", type=int, default=None, help="beams (default: 1 for greedy, else the model's)")
-    ev.add_argument("--k", type=int, nargs="+", default=None, help="passages per question; several = a sweep")
+    ev.add_argument("--beams", type=int, default=None,
+                    help="beams (default: 1 for greedy, else the model's num_beams, 4 for the bundled models)")
+    ev.add_argument("--k", type=int, nargs="+", default=None,
+                    help="passages per question; several = a sweep (default: the model's, 5 for the bundled models)")
     ev.add_argument("--closed-book", action="store_true", help="the generator alone, no retrieval")
-    ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="answer length limit (default: the model's, 32 for the bundled models)")
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
