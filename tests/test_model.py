@@ -1,5 +1,6 @@
 """RagModel on tiny random towers and BART: save/load round trip, index pairing, loss = the marginals."""
 
+import json
 import math
 
 import pytest
@@ -202,3 +203,35 @@ def test_the_document_tower_is_a_frozen_registered_child(parts, tmp_path):
     assert loaded.document_encoder().identity() == tower.identity() and loaded.document_tower is not None
     model.to(torch.float64)
     assert next(tower.parameters()).dtype == torch.float64
+
+
+def test_a_model_unpickled_in_another_process_answers_the_same(parts, tmp_path):
+    """As a Ray actor or a spawned worker receives it: the index re-opens, shared-context attention
+    re-registers in the fresh process."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import latentrag
+
+    model = _model(parts).eval()
+    assert model.generator.shares_contexts  # the case that needs re-registering
+    with torch.no_grad():
+        loss = model.loss(QUESTIONS, ANSWERS).item()
+    text = model.generate(QUESTIONS[:1], max_new_tokens=3)[0].text
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
+    code = (
+        "import json, pickle, sys, torch\n"
+        f"model = pickle.loads(open({str(tmp_path / 'model.pkl')!r}, 'rb').read())\n"
+        f"questions, answers = {QUESTIONS!r}, {ANSWERS!r}\n"
+        "with torch.no_grad():\n"
+        "    loss = model.loss(questions, answers).item()\n"
+        "print(json.dumps([loss, model.generate(questions[:1], max_new_tokens=3)[0].text]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(latentrag.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    other_loss, other_text = json.loads(out.stdout.strip().splitlines()[-1])
+    assert other_loss == pytest.approx(loss, rel=1e-6) and other_text == text

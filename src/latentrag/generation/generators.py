@@ -66,6 +66,12 @@ class Generator(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.shares_contexts = self._share_contexts()
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in another process, the shared-context attention the model names is registered again."""
+        super().__setstate__(state)
+        if self.shares_contexts:
+            shared_context.register()
+
     def _share_contexts(self) -> bool:
         """Switch the model to shared-context attention (`shared_context`) if its architecture allows."""
         return False
