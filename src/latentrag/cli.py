@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER
-from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS, PASSAGE_WORDS
+from latentrag.defaults import DEFAULT_K, PASSAGE_WORDS
 from latentrag.errors import LatentRagError, LatentRagWarning
 
 SAMPLE_QUESTIONS = [
@@ -138,10 +138,11 @@ def cmd_eval(args) -> int:
             closed_book=args.closed_book, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             answerable_only=args.answerable_only, limit=args.limit,
         )
-        for k in args.k or [DEFAULT_K]
+        for k in args.k or [None]  # None here and below: the model's (its RagConfig)
     ]  # settings are checked before the model loads, and so is the data:
     load_dataset(args.dataset)
     model = load_model(args)
+    runs = [run.resolved(model.config) for run in runs]
     base = Path(args.out) if args.out else default_run_dir(runs[0])
     results = evaluate_sweep(model, runs, base, resume=args.resume)
     for run, result in zip(runs, results, strict=True):
@@ -214,12 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question and show the passages it came from")
     ask.add_argument("question")
-    ask.add_argument("--mode", choices=["token", "sequence"], default="token")
+    ask.add_argument("--mode", choices=["token", "sequence"], default=None,
+                     help="RAG-Token or RAG-Sequence (default: the model's, token for the bundled models)")
     ask.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"], default=None,
                      help="token: greedy (default) | beam; sequence: thorough (default) | fast")
-    ask.add_argument("--beams", type=int, default=None, help="beam size (default: 1 for greedy, else 4)")
-    ask.add_argument("--k", type=int, default=DEFAULT_K, help="passages retrieved and marginalised over")
-    ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: model's)")
+    ask.add_argument("--beams", type=int, default=None,
+                     help="beam size (default: 1 for greedy, else the model's num_beams, 4 for the bundled models)")
+    ask.add_argument("--k", type=int, default=None,
+                     help="passages retrieved and marginalised over (default: the model's, 5 for the bundled models)")
+    ask.add_argument("--max-new-tokens", type=int, default=None,
+                     help="answer length limit (default: the model's, 32 for the bundled models)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
     ask.add_argument("--json", action="store_true")
@@ -238,13 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answerable-only", action="store_true",
                     help="keep questions with a gold answer in some passage of the index")
     ev.add_argument("--limit", type=int, default=None, help="first N questions (after the answerable filter)")
-    ev.add_argument("--mode", choices=["token", "sequence"], default="token")
+    ev.add_argument("--mode", choices=["token", "sequence"], default=None,
+                    help="RAG-Token or RAG-Sequence (default: the model's, token for the bundled models)")
     ev.add_argument("--decoding", default=None,
                     help="greedy|beam (token, default greedy), thorough|fast (sequence, default thorough)")
-    ev.add_argument("--beams", type=int, default=None, help="beams (default: 1 for greedy, else the model's)")
-    ev.add_argument("--k", type=int, nargs="+", default=None, help="passages per question; several = a sweep")
+    ev.add_argument("--beams", type=int, default=None,
+                    help="beams (default: 1 for greedy, else the model's num_beams, 4 for the bundled models)")
+    ev.add_argument("--k", type=int, nargs="+", default=None,
+                    help="passages per question; several = a sweep (default: the model's, 5 for the bundled models)")
     ev.add_argument("--closed-book", action="store_true", help="the generator alone, no retrieval")
-    ev.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="answer length limit (default: the model's, 32 for the bundled models)")
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

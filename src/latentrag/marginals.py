@@ -3,7 +3,7 @@
 Notation (Lewis et al., 2020, §2): x the input, z a retrieved passage (the latent variable), y the output
 of N tokens. Shapes: B questions, k retrieved passages each, T target positions, V vocabulary.
 
-    (1) retriever        p_η(z|x) ∝ exp(d(z)ᵀ q(x))                     (softmax over the top-k)
+    (1) retriever        p_η(z|x) ∝ exp(s · d(z)ᵀ q(x))                 (softmax over the top-k; s = 1 in the paper)
     (2) RAG-Sequence     p(y|x) ≈ Σ_z p_η(z|x) Π_i p_θ(y_i | x, z, y_<i)
     (3) RAG-Token        p(y|x) ≈ Π_i Σ_z p_η(z|x) p_θ(y_i | x, z, y_<i)
     (4) training loss    L = Σ_j −log p(y_j | x_j)                       (we report the batch mean)
@@ -24,7 +24,10 @@ from torch import Tensor
 
 
 def retrieval_log_prior(scores: Tensor) -> Tensor:
-    """Eq. (1): log p_η(z|x) = d(z)ᵀq(x) − logsumexp over the top-k. scores (B,k) -> (B,k)."""
+    """Eq. (1): log p_η(z|x) = s·d(z)ᵀq(x) − logsumexp over the top-k. scores (B,k) -> (B,k).
+
+    The scores arrive already scaled: s = exp(log_scale) is the retriever's (1 = the paper's form, right for
+    un-normalised towers such as DPR; unit-vector towers need s > 1 for p(z|x) to be far from uniform)."""
     return torch.log_softmax(scores, dim=-1)
 
 

@@ -22,14 +22,14 @@ import json
 import os
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from latentrag.assets import cache_dir
 from latentrag.atomic import atomic_write_text
-from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS
+from latentrag.defaults import MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.evaluation import metrics as M
 from latentrag.evaluation.datasets import DATASETS, QAExample, load_dataset
@@ -43,12 +43,12 @@ class EvalSettings:
     """What one evaluation run is: data, model type, decoding. Plain values, saved as run.json."""
 
     dataset: str
-    mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence); ignored when closed_book
+    mode: str | None = None  # "token" (RAG-Token) or "sequence" (RAG-Sequence); None: the model's; ignored when closed_book
     decoding: str | None = None  # None: the mode's default (RAG-Token greedy, RAG-Sequence thorough)
     num_beams: int | None = None  # None: the decoding's default (1 for greedy, else the model's)
-    k: int = DEFAULT_K
+    k: int | None = None  # None: the model's
     closed_book: bool = False
-    max_new_tokens: int = MAX_NEW_TOKENS
+    max_new_tokens: int | None = None  # None: the model's
     batch_size: int = 4
     answerable_only: bool = False
     limit: int | None = None
@@ -60,18 +60,37 @@ class EvalSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise LatentRagError(f"{name} must be a whole number of at least 1, got {value!r}")
-        if not self.closed_book and self.decoding is None:
+        if not self.closed_book and self.decoding is None and self.mode is not None:
             from latentrag.rag_types import rag_type
 
             kind = rag_type(self.mode)
             self.decoding = getattr(kind, "default_decoding", None) or kind.decodings[0]
         self.recall_ks = tuple(self.recall_ks)
 
+    def resolved(self, config=None) -> EvalSettings:
+        """These settings with what was left to the model filled from its `RagConfig` (mode, k,
+        max_new_tokens, beams), so a saved model answers as it was trained unless told otherwise; what
+        run.json records is what ran."""
+        from latentrag.model import RagConfig
+
+        config = config or RagConfig()
+        settings = replace(
+            self,
+            mode=self.mode or config.mode,
+            k=config.k if self.k is None else self.k,
+            max_new_tokens=config.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
+        )
+        if not settings.closed_book and settings.num_beams is None and settings.decoding != "greedy":
+            settings.num_beams = config.num_beams
+        return settings
+
     @property
     def label(self) -> str:
         if self.closed_book:
             return "closed-book"
         beams = f", {self.num_beams} beams" if self.num_beams and self.num_beams > 1 else ""
+        if self.mode is None or self.k is None:
+            return "RAG (the model's settings)"  # before `resolved`
         return f"RAG-{self.mode.title()} ({self.decoding}{beams}, k={self.k})"
 
     def key(self) -> dict:
@@ -262,12 +281,14 @@ def _predict(model, examples: list[QAExample], settings: EvalSettings) -> list[d
         texts = closed_book_generate(model.generator, questions, settings.max_new_tokens)
         answers, retrieved = [None] * len(examples), [[] for _ in examples]
     else:
+        # One retrieval per batch, deep enough for recall@k and for the answer (its first k passages).
         depth = min(max(max(settings.recall_ks), settings.k), len(model.retriever.index))
-        retrieved = model.retrieve(questions, k=depth).passages
+        with torch.inference_mode():
+            batch = model.retrieve(questions, k=depth)
         answers = model.generate(questions, mode=settings.mode, decoding=settings.decoding,
                                  num_beams=settings.num_beams, k=settings.k,
-                                 max_new_tokens=settings.max_new_tokens)
-        texts = [a.text for a in answers]
+                                 max_new_tokens=settings.max_new_tokens, retrieved=batch.top(settings.k))
+        texts, retrieved = [a.text for a in answers], batch.passages
     records = []
     for ex, text, answer, ranked in zip(examples, texts, answers, retrieved, strict=True):
         passages = [] if answer is None else [
@@ -364,6 +385,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
+    settings = settings.resolved(getattr(model, "config", None))
     if examples is None:
         index = None if settings.closed_book and not settings.answerable_only else model.retriever.index
         examples, info = select_examples(settings, index, progress=progress)
@@ -484,7 +506,8 @@ def rescore(predictions: str | Path, out_dir: str | Path | None = None) -> dict:
 
 
 def default_run_dir(settings: EvalSettings) -> Path:
-    """Where a run goes when no folder is given: `eval-runs/{dataset}-{mode|closed-book}`."""
+    """Where a run goes when no folder is given: `eval-runs/{dataset}-{mode|closed-book}` (settings resolved
+    against the model first, see `EvalSettings.resolved`)."""
     return Path("eval-runs") / f"{Path(settings.dataset).stem}-{'closed-book' if settings.closed_book else settings.mode}"
 
 
@@ -502,7 +525,7 @@ def evaluate_sweep(
     """
     from latentrag.evaluation.report import write_comparison_report
 
-    runs = list(runs)
+    runs = [settings.resolved(getattr(model, "config", None)) for settings in runs]  # None: the model's
     if not runs:
         raise LatentRagError("no runs to evaluate: give at least one EvalSettings")
     ks = [s.k for s in runs]

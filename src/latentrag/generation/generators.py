@@ -78,6 +78,12 @@ class Generator(nn.Module):
     def _tokenizers(self) -> None:
         """Make the fixed-settings tokenizer copies this kind calls (see `latentrag.tokenizing`)."""
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in another process, the shared-context attention the model names is registered again."""
+        super().__setstate__(state)
+        if self.shares_contexts:
+            shared_context.register()
+
     def _share_contexts(self) -> bool:
         """Switch the model to shared-context attention (`shared_context`) if its architecture allows."""
         return False
