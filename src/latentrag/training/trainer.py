@@ -176,7 +176,7 @@ def _resolve_index(name: str | None):
     from latentrag.retrieval.index import DenseIndex
 
     if name is None:
-        from latentrag.retrieval.bundled import default_index
+        from latentrag.retrieval.index import default_index
 
         return DenseIndex.load(default_index())
     return DenseIndex.load(name)
@@ -267,10 +267,8 @@ def _optimizer(model: nn.Module, s: TrainSettings, total_steps: int):
 
 def _train_mode(model) -> None:
     """Training mode for the generator; the towers stay in eval mode (no dropout in retrieval, see above)."""
-    model.train()
+    model.train()  # leaves the frozen document tower in eval mode
     model.retriever.eval()
-    if getattr(model, "_document_encoder", None) is not None:
-        model._document_encoder.eval()
 
 
 def _append_log(path: Path, record: dict) -> None:
