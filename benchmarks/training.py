@@ -85,29 +85,25 @@ def ratios(t: dict, slow: str, fast: str) -> dict[str, float]:
     return {clock: round(t[slow][clock] / t[fast][clock], 3) for clock in ("wall", "cpu", "wall_median", "cpu_median")}
 
 
-# ---- the seq2seq comparison ---------------------------------------------------------------------------
-def random_parts(size: str, seed: int = 0):
-    """(question tower, BART generator, flat index over random vectors of ≥95-word wiki-leads passages)."""
-    from transformers import (
-        BartConfig,
-        BartForConditionalGeneration,
-        BertTokenizerFast,
-        DPRConfig,
-        DPRQuestionEncoder,
-    )
+# ---- the comparisons ----------------------------------------------------------------------------------
+LLAMA_SIZES = {  # random Llama shapes with SmolLM2's tokenizer; "base" is SmolLM2-135M's own configuration
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=768, head_dim=64),
+    "base": {},
+}
+
+
+def random_retrieval(size: str, seed: int = 0):
+    """(DPR question tower of the BERT-`size` shape, flat index over random vectors of ≥95-word wiki-leads
+    passages, the identity of the document tower those vectors stand for)."""
+    from transformers import BertTokenizerFast, DPRConfig, DPRQuestionEncoder
 
     from latentrag.assets import minilm_dir
-    from latentrag.generation.generators import Seq2SeqGenerator
     from latentrag.retrieval.encoders import DenseEncoder
     from latentrag.retrieval.index import build_index_from_vectors
 
-    tokenizer = bart_style_tokenizer()
-    config = BartConfig(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=1, bos_token_id=0,
-                        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2, **SIZES[size])
-    torch.manual_seed(seed)
-    bart = BartForConditionalGeneration(config)
-    generator = Seq2SeqGenerator(bart, tokenizer, f"random-bart-{size}", max_input_length=512)
     q_tokenizer = BertTokenizerFast.from_pretrained(minilm_dir())  # BERT's uncased WordPiece vocabulary
+    torch.manual_seed(seed + 1)
     dpr = DPRQuestionEncoder(DPRConfig(vocab_size=len(q_tokenizer), **TOWERS[size]))
     tower = DenseEncoder(dpr, q_tokenizer, "pooler", False, 64, f"random-dpr-question-{size}")
     docs = passages(2790)  # every wiki-leads passage of ≥ 95 words (100-word splits)
@@ -116,8 +112,52 @@ def random_parts(size: str, seed: int = 0):
     identity = {"name": f"random-dpr-context-{size}", "sha256": f"random-vectors-seed-{seed}", "dim": dim,
                 "pooling": "pooler", "normalize": False}
     root = Path(tempfile.mkdtemp(prefix="latentrag-train-bench-"))
-    index = build_index_from_vectors(vectors, docs, root / "index", identity)
-    return tower, generator, index, identity
+    return tower, build_index_from_vectors(vectors, docs, root / "index", identity), identity
+
+
+def random_generator(kind: str, size: str, seed: int = 0):
+    """A random BART (seq2seq) or Llama (decoder-only) of the given shape, with a 49,152-token vocabulary."""
+    from latentrag.generation.generators import DecoderOnlyGenerator, Seq2SeqGenerator
+
+    torch.manual_seed(seed)
+    if kind == "seq2seq":
+        from transformers import BartConfig, BartForConditionalGeneration
+
+        tokenizer = bart_style_tokenizer()
+        config = BartConfig(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=1, bos_token_id=0,
+                            eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2, **SIZES[size])
+        return Seq2SeqGenerator(BartForConditionalGeneration(config), tokenizer, f"random-bart-{size}", 512)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from latentrag.assets import smollm2_dir
+
+    config = LlamaConfig.from_pretrained(smollm2_dir(), **LLAMA_SIZES[size])
+    return DecoderOnlyGenerator(LlamaForCausalLM(config), AutoTokenizer.from_pretrained(smollm2_dir()),
+                                f"random-llama-{size}", 512)
+
+
+def floor_loss(generator, batch):
+    """The generator's own loss on the rows our step builds (same B·k rows, same padding), as a plain
+    fine-tuning script computes it: no retrieval, no query tower, no marginalisation."""
+    k = batch.k
+    answers = batch.targets.repeat_interleave(k, dim=0)
+    answer_mask = batch.target_mask.repeat_interleave(k, dim=0)
+    labels = answers.masked_fill(answer_mask == 0, -100)
+    if generator.kind == "seq2seq":  # BART's own `labels=` path (its cross-entropy over the vocabulary)
+        return lambda: generator.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       labels=labels).loss
+    # decoder-only: prompt + answer rows, logits only where the answer is predicted (as any efficient script)
+    width = batch.input_ids.shape[1]
+    input_ids = torch.cat([batch.input_ids, answers[:, :-1]], dim=1)
+    mask = torch.cat([batch.attention_mask, answer_mask[:, :-1]], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def loss() -> torch.Tensor:
+        logits = generator.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                 logits_to_keep=input_ids.shape[1] - (width - 1)).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+    return loss
 
 
 def hf_contexts(hf, tokenizer, questions: list[str], passages_: list, max_length: int):
@@ -131,16 +171,15 @@ def hf_contexts(hf, tokenizer, questions: list[str], passages_: list, max_length
     return RagRetriever.postprocess_docs(shim, docs, questions, None, len(passages_[0]), return_tensors="pt")
 
 
-def versus(size: str, k: int, batch_size: int, repeats: int) -> dict:
-    from transformers import RagConfig as HFRagConfig
-    from transformers import RagTokenForGeneration
-
+def versus(kind: str, size: str, k: int, batch_size: int, repeats: int) -> dict:
+    """Our step vs the floor; for seq2seq also vs Hugging Face's RAG-Token on the same modules."""
     from latentrag.model import RagConfig, RagModel
     from latentrag.retrieval.retriever import Retriever
     from latentrag.training import TrainSettings
     from latentrag.training.trainer import Objective, _optimizer, _train_mode
 
-    tower, generator, index, identity = random_parts(size)
+    tower, index, identity = random_retrieval(size)
+    generator = random_generator(kind, size)
     model = RagModel(Retriever(tower, identity, index), generator, RagConfig(mode="token", k=k))
     # full fine-tuning of the generator and the query tower, as build_model does with lora_rank = 0
     model.requires_grad_(False)
@@ -153,24 +192,15 @@ def versus(size: str, k: int, batch_size: int, repeats: int) -> dict:
     floor_optimizer, floor_scheduler = _optimizer(generator.model, settings, total_steps=10_000)
     floor_params = [p for p in generator.model.parameters() if p.requires_grad]
 
-    hf_config = HFRagConfig.from_question_encoder_generator_configs(tower.model.config, generator.model.config,
-                                                                    n_docs=k)
-    hf = RagTokenForGeneration(hf_config, question_encoder=tower.model, generator=generator.model)
-    assert hf.rag.generator is generator.model and hf.rag.question_encoder is tower.model  # identical weights
-    start = generator.model.config.decoder_start_token_id
-
     batches = [(QUESTIONS[i : i + batch_size], ANSWERS[i : i + batch_size])
                for i in range(0, len(QUESTIONS) - batch_size + 1, batch_size)]
-    # the floor's inputs: the very rows our step builds for each batch (same B·k rows, same padding)
-    floor_inputs = []
+    floors, lengths = [], []  # the floor's inputs: the very rows our step builds for each batch
     with torch.no_grad():
         for questions, answers in batches:
             retrieved = model.retrieve(questions, k)
             b = generator.prepare(retrieved.questions, retrieved.passages, answers)
-            labels = b.targets.masked_fill(b.target_mask == 0, -100).repeat_interleave(k, dim=0)
-            floor_inputs.append((b.input_ids, b.attention_mask, labels))
-    lengths = {"latentrag_context_tokens": [f[0].shape[1] for f in floor_inputs],
-               "hf_context_tokens": HF_MAX_COMBINED_LENGTH}
+            floors.append(floor_loss(generator, b))
+            lengths.append(b.input_ids.shape[1])
 
     def step(loss: torch.Tensor, params, opt, sched) -> float:
         loss.backward()
@@ -180,39 +210,9 @@ def versus(size: str, k: int, batch_size: int, repeats: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    def hf_loss(questions, answers, max_length: int | None) -> torch.Tensor:
-        q_tok = tower.tokenize(questions)
-        q = hf.question_encoder(**q_tok)[0]  # (B,d): as RagModel.forward
-        _, ids = index.search(q.detach().float().numpy(), k)
-        doc_embeds = torch.from_numpy(index.reconstruct(ids)).to(q.dtype)
-        doc_scores = torch.bmm(q.unsqueeze(1), doc_embeds.transpose(1, 2)).squeeze(1)
-        rows = index.passages(ids)
-        length = max_length or generator.prepare(questions, rows).input_ids.shape[1]
-        context_input_ids, context_attention_mask = hf_contexts(hf, generator.tokenizer, questions, rows, length)
-        targets = generator.tokenizer(text_target=list(answers), padding=True, return_tensors="pt")["input_ids"]
-        decoder_input_ids = torch.cat([targets.new_full((len(answers), 1), start), targets], dim=1)
-        return hf(context_input_ids=context_input_ids, context_attention_mask=context_attention_mask,
-                  doc_scores=doc_scores, decoder_input_ids=decoder_input_ids, labels=decoder_input_ids,
-                  reduce_loss=False, n_docs=k).loss  # (B,): −log p(y|x) per question
-
-    # the same computation first: per-example losses equal in eval mode (no dropout), HF at both lengths
-    model.eval()
-    with torch.no_grad():
-        checks = {}
-        for questions, answers in batches:
-            ours = objective(questions, answers)
-            for name, length in (("hf_300", HF_MAX_COMBINED_LENGTH), ("hf_same_length", None)):
-                theirs = hf_loss(questions, answers, length)
-                checks.setdefault(name, []).append(float((ours - theirs).abs().max() / ours.abs().max()))
-    losses_equal = {name: max(v) < 1e-4 for name, v in checks.items()}
-    if not all(losses_equal.values()):
-        raise SystemExit(f"latentrag and HF losses differ (max relative difference {checks}): nothing timed")
-
-    _train_mode(model)  # generator in train mode (dropout), towers in eval mode, as the trainer runs
-    hf.question_encoder.eval()
     turn: dict[str, int] = {}
 
-    def batch_of(name: str):  # each arm walks through the batches in the same order
+    def batch_of(name: str) -> int:  # each arm walks through the batches in the same order
         i = turn.setdefault(name, 0)
         turn[name] = i + 1
         return i % len(batches)
@@ -222,37 +222,84 @@ def versus(size: str, k: int, batch_size: int, repeats: int) -> dict:
         return step(objective(questions, answers).mean(), trainable, optimizer, scheduler)
 
     def floor_step() -> float:
-        input_ids, attention_mask, labels = floor_inputs[batch_of("floor")]
-        loss = generator.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        return step(loss, floor_params, floor_optimizer, floor_scheduler)
+        return step(floors[batch_of("floor")](), floor_params, floor_optimizer, floor_scheduler)
 
-    def hf_step(max_length: int | None, name: str):
-        def run() -> float:
-            questions, answers = batches[batch_of(name)]
-            return step(hf_loss(questions, answers, max_length).mean(), trainable, optimizer, scheduler)
-        return run
+    arms = {"latentrag": ours_step, "floor": floor_step}
+    out: dict = {}
+    if kind == "seq2seq":
+        hf_arms, checks = hf_versus(model, objective, tower, generator, index, k, batches)
+        out["losses_equal_hf"] = {name: v < 1e-4 for name, v in checks.items()}
+        out["max_relative_loss_difference"] = checks
+        if not all(out["losses_equal_hf"].values()):
+            raise SystemExit(f"latentrag and HF losses differ (max relative difference {checks}): nothing timed")
+        for name, hf_loss in hf_arms.items():
+            def run(name=name, hf_loss=hf_loss) -> float:
+                questions, answers = batches[batch_of(name)]
+                return step(hf_loss(questions, answers).mean(), trainable, optimizer, scheduler)
+            arms[name] = run
 
-    t, first = alternate({"latentrag": ours_step, "floor": floor_step,
-                          "hf_300": hf_step(HF_MAX_COMBINED_LENGTH, "hf_300"),
-                          "hf_same_length": hf_step(None, "hf_same_length")}, repeats)
-    overhead = {clock: round(t["latentrag"][clock] / t["floor"][clock] - 1, 3)
-                for clock in ("wall", "cpu", "wall_median", "cpu_median")}
-    return {
-        "setting": dict(model=f"random BART-{size}", question_tower=f"random DPR (BERT-{size} shape)",
-                        generator_params_m=round(sum(p.numel() for p in generator.model.parameters()) / 1e6, 1),
-                        tower_params_m=round(sum(p.numel() for p in tower.model.parameters()) / 1e6, 1),
-                        vocab=len(generator.tokenizer), index_passages=len(index), batch_size=batch_size, k=k,
-                        mode="token", repeats=repeats, optimizer="AdamW (trainer's _optimizer), clip 1.0",
-                        **lengths),
-        "losses_equal_hf": losses_equal,
-        "max_relative_loss_difference": {n: max(v) for n, v in checks.items()},
+    _train_mode(model)  # generator in train mode (dropout), towers in eval mode, as the trainer runs
+    t, first = alternate(arms, repeats)
+    clocks = ("wall", "cpu", "wall_median", "cpu_median")
+    params = {"generator_params_m": round(sum(p.numel() for p in generator.model.parameters()) / 1e6, 1),
+              "tower_params_m": round(sum(p.numel() for p in tower.model.parameters()) / 1e6, 1)}
+    out = {
+        "setting": dict(generator=f"random {'BART' if kind == 'seq2seq' else 'Llama'}-{size}", kind=kind,
+                        question_tower=f"random DPR (BERT-{size} shape)", **params, vocab=len(generator.tokenizer),
+                        index_passages=len(index), batch_size=batch_size, k=k, mode="token", repeats=repeats,
+                        optimizer="AdamW (trainer's _optimizer), clip 1.0", latentrag_context_tokens=lengths,
+                        **({"hf_context_tokens": HF_MAX_COMBINED_LENGTH} if kind == "seq2seq" else {})),
+        **out,
         "first_step_losses": {n: round(v, 4) for n, v in first.items()},
         "seconds": {n: {c: round(v, 4) for c, v in times.items()} for n, times in t.items()},
         "examples_per_s": {n: round(batch_size / times["wall"], 3) for n, times in t.items()},
-        "rag_overhead_vs_floor": overhead,
-        "speedup_vs_hf_300": ratios(t, "hf_300", "latentrag"),
-        "speedup_vs_hf_same_length": ratios(t, "hf_same_length", "latentrag"),
+        "rag_overhead_vs_floor": {c: round(t["latentrag"][c] / t["floor"][c] - 1, 3) for c in clocks},
     }
+    if kind == "seq2seq":
+        out["speedup_vs_hf_300"] = ratios(t, "hf_300", "latentrag")
+        out["speedup_vs_hf_same_length"] = ratios(t, "hf_same_length", "latentrag")
+    return out
+
+
+def hf_versus(model, objective, tower, generator, index, k: int, batches: list) -> tuple[dict, dict]:
+    """Hugging Face's RagTokenForGeneration over the very modules of `model` (identical weights): its loss
+    functions at HF's context length (max_combined_length) and at ours, and their largest relative
+    difference from our per-example losses (eval mode, no dropout)."""
+    from transformers import RagConfig as HFRagConfig
+    from transformers import RagTokenForGeneration
+
+    hf_config = HFRagConfig.from_question_encoder_generator_configs(tower.model.config, generator.model.config,
+                                                                    n_docs=k)
+    hf = RagTokenForGeneration(hf_config, question_encoder=tower.model, generator=generator.model)
+    assert hf.rag.generator is generator.model and hf.rag.question_encoder is tower.model  # identical weights
+    start = generator.model.config.decoder_start_token_id
+
+    def hf_loss(questions, answers, max_length: int | None) -> torch.Tensor:
+        q = hf.question_encoder(**tower.tokenize(questions))[0]  # (B,d): as HF's RagModel.forward
+        _, ids = index.search(q.detach().float().numpy(), k)  # the same flat index: HF's retriever's job
+        doc_embeds = torch.from_numpy(index.reconstruct(ids)).to(q.dtype)
+        doc_scores = torch.bmm(q.unsqueeze(1), doc_embeds.transpose(1, 2)).squeeze(1)  # as HF's RagModel
+        rows = index.passages(ids)
+        length = max_length or generator.prepare(questions, rows).input_ids.shape[1]  # ours: the longest row
+        context_input_ids, context_attention_mask = hf_contexts(hf, generator.tokenizer, questions, rows, length)
+        targets = generator.tokenizer(text_target=list(answers), padding=True, return_tensors="pt")["input_ids"]
+        decoder_input_ids = torch.cat([targets.new_full((len(answers), 1), start), targets], dim=1)
+        return hf(context_input_ids=context_input_ids, context_attention_mask=context_attention_mask,
+                  doc_scores=doc_scores, decoder_input_ids=decoder_input_ids, labels=decoder_input_ids,
+                  reduce_loss=False, n_docs=k).loss  # (B,): −log p(y|x) per question (see test_hf_parity)
+
+    arms = {"hf_300": lambda q, a: hf_loss(q, a, HF_MAX_COMBINED_LENGTH),
+            "hf_same_length": lambda q, a: hf_loss(q, a, None)}
+    model.eval()
+    checks: dict[str, float] = {}
+    with torch.no_grad():
+        for questions, answers in batches:
+            ours = objective(questions, answers)
+            for name, fn in arms.items():
+                diff = float((ours - fn(questions, answers)).abs().max() / ours.abs().max())
+                checks[name] = max(checks.get(name, 0.0), diff)
+    hf.question_encoder.eval()
+    return arms, checks
 
 
 # ---- the default models, one child process per setting ------------------------------------------------
@@ -265,6 +312,12 @@ def _scale_shim() -> None:
         Retriever.log_scale = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
 
 
+def _rss() -> int:
+    """Resident memory of this process now (bytes)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
 def child(setting: dict, index_dir: str, steps: int) -> dict:
     """Build the default model as `latentrag train` does and time `steps` training steps; peak RSS after."""
     from latentrag.retrieval.index import DenseIndex
@@ -272,24 +325,24 @@ def child(setting: dict, index_dir: str, steps: int) -> dict:
     from latentrag.training.trainer import Objective, _optimizer, _train_mode, build_model
 
     _scale_shim()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _rss()
     s = TrainSettings(train="-", out="-", index=index_dir, **setting)
     started = time.perf_counter()
     model = build_model(s, DenseIndex.load(index_dir), torch.device("cpu"))
     load_s = time.perf_counter() - started
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded = _rss()
     objective = Objective(model, s.mode, s.k, closed_book=False)
     optimizer, scheduler = _optimizer(model, s, total_steps=1000)
     trainable = [p for p in model.parameters() if p.requires_grad]
     _train_mode(model)
-    seconds, prompt_tokens = [], []
+    seconds, cpu, prompt_tokens = [], [], []
     for i in range(steps):
         questions = [QUESTIONS[(i * s.batch_size + j) % len(QUESTIONS)] for j in range(s.batch_size)]
         answers = [ANSWERS[(i * s.batch_size + j) % len(ANSWERS)] for j in range(s.batch_size)]
         retrieved = model.retrieve(questions, s.k)
         with torch.no_grad():
             prompt_tokens.append(model.generator.prepare(questions, retrieved.passages).input_ids.shape[1])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = objective(questions, answers).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, s.max_grad_norm)
@@ -297,9 +350,11 @@ def child(setting: dict, index_dir: str, steps: int) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"setting": setting, "trainable_params_m": round(sum(p.numel() for p in trainable) / 1e6, 2),
             "load_s": round(load_s, 1), "seconds_per_step": [round(x, 2) for x in seconds],
+            "cpu_seconds_per_step": [round(x, 2) for x in cpu],
             "prompt_tokens": prompt_tokens, "peak_rss_gib": round(peak / 2**30, 2),
             "rss_after_load_gib": round(loaded / 2**30, 2), "rss_at_start_gib": round(before / 2**30, 2)}
 
@@ -338,63 +393,92 @@ def default_models(settings: list[dict], steps: int, threads: int, log) -> dict:
 
 
 # ---- results ------------------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{x:+.1%}"
+
+
 def write_results(result: dict, command: str, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Training benchmark ({name})", "", f"Command: `{command}`  ",
-             f"Machine: {result['machine']}; torch threads {result['threads']}; a loaded machine shared with other "
-             "jobs: read the ratios, the absolute figures are from a busy CPU.", ""]
-    v = result.get("versus")
-    if v:
-        s = v["setting"]
-        sec, ex = v["seconds"], v["examples_per_s"]
+             f"Machine: {result['machine']}; torch threads {result['threads']}. A loaded machine shared with other "
+             "jobs (wall time was several times CPU time): read the ratios; absolute seconds are from a busy CPU. "
+             f"The comparisons took {result['comparisons_seconds']} s wall, {result['comparisons_cpu_seconds']} s "
+             f"CPU; the whole run {result['total_seconds']} s wall.", ""]
+    v = result["versus"]
+    s = v["setting"]
+    sec, ex = v["seconds"], v["examples_per_s"]
+
+    def cell(n: str) -> str:
+        return f"{sec[n]['wall']} / {sec[n]['cpu']}"
+
+    lines += [
+        "## Seq2seq: latentrag vs its floor and vs Hugging Face RAG-Token", "",
+        f"One RAG-Token training step (forward + backward + clipping + the trainer's AdamW; generator and query tower "
+        f"fully trained) with {s['generator']} ({s['generator_params_m']}M parameters, {s['vocab']:,}-token "
+        f"vocabulary) and a {s['question_tower']} question tower ({s['tower_params_m']}M), B={s['batch_size']} "
+        f"questions, k={s['k']} wiki-leads passages of ≥ 95 words retrieved from a flat index of "
+        f"{s['index_passages']:,} passages at every step. Best (min) of {s['repeats']} alternating runs after a "
+        "warm-up; medians in the JSON.",
+        "",
+        f"Input lengths: latentrag pads the B·k contexts to the longest row ({s['latentrag_context_tokens']} tokens "
+        f"for the batches used); Hugging Face's retriever pads every context to `max_combined_length` "
+        f"({s['hf_context_tokens']}); 'HF, same length' is HF given contexts padded to latentrag's length. "
+        f"Per-example losses equal to HF's before timing: {v['losses_equal_hf']} (max relative difference "
+        f"{max(v['max_relative_loss_difference'].values()):.1e}).",
+        "",
+        "| step | wall / CPU (s) | examples/s (wall) | latentrag: overhead or speed-up, wall / CPU |",
+        "|---|---|---|---|",
+        f"| latentrag (`Objective` = `RagModel.forward`, retrieval included) | {cell('latentrag')} | "
+        f"{ex['latentrag']} | — |",
+        f"| floor: the generator alone (BART `labels=`), same rows | {cell('floor')} | {ex['floor']} | RAG overhead "
+        f"{_pct(v['rag_overhead_vs_floor']['wall'])} / {_pct(v['rag_overhead_vs_floor']['cpu'])} (goal ≤ +15 %) |",
+        f"| HF `RagTokenForGeneration`, contexts padded to {s['hf_context_tokens']} | {cell('hf_300')} | "
+        f"{ex['hf_300']} | {v['speedup_vs_hf_300']['wall']}× / {v['speedup_vs_hf_300']['cpu']}× (goal ≥ 1.5×) |",
+        f"| HF `RagTokenForGeneration`, same length as latentrag | {cell('hf_same_length')} | {ex['hf_same_length']} | "
+        f"{v['speedup_vs_hf_same_length']['wall']}× / {v['speedup_vs_hf_same_length']['cpu']}× |",
+        "",
+    ]
+    d = result.get("decoder_only")
+    if d:
+        s, sec = d["setting"], d["seconds"]
         lines += [
-            f"One RAG-Token training step (forward + backward + clipping + AdamW; generator and query tower fully "
-            f"trained) on {s['model']} ({s['generator_params_m']}M parameters, {s['vocab']:,}-token vocabulary) "
-            f"with a {s['question_tower']} question tower ({s['tower_params_m']}M), B={s['batch_size']} questions, "
-            f"k={s['k']} wiki-leads passages of ≥ 95 words, retrieval from a flat index of {s['index_passages']:,} "
-            f"passages. Best (min) of {s['repeats']} alternating runs after a warm-up; medians in the JSON.",
+            "## Decoder-only: latentrag vs its floor", "",
+            f"The same step with {s['generator']} ({s['generator_params_m']}M parameters, SmolLM2's tokenizer and "
+            f"chat template) and the {s['question_tower']} tower; prompt rows of {s['latentrag_context_tokens']} "
+            "tokens. Floor: the generator's forward on the same prompt + answer rows, logits only at the answer "
+            "positions (as latentrag computes them), cross-entropy, backward, the same optimiser step.",
             "",
-            f"Inputs: latentrag pads the B·k contexts to the longest row ({s['latentrag_context_tokens']} tokens for "
-            f"the batches used); Hugging Face's retriever pads every context to `max_combined_length` "
-            f"({s['hf_context_tokens']}); 'HF, same length' is HF given contexts padded to latentrag's length. "
-            f"Per-example losses equal to HF's before timing: {v['losses_equal_hf']} (max relative difference "
-            f"{max(v['max_relative_loss_difference'].values()):.1e}).",
-            "",
-            "| step | wall / CPU (s) | examples/s | latentrag is |",
+            "| step | wall / CPU (s) | examples/s (wall) | RAG overhead, wall / CPU |",
             "|---|---|---|---|",
-            f"| latentrag (`Objective`, retrieval included) | {sec['latentrag']['wall']} / {sec['latentrag']['cpu']} | "
-            f"{ex['latentrag']} | — |",
-            f"| floor: the generator alone (`labels=`), same rows | {sec['floor']['wall']} / {sec['floor']['cpu']} | "
-            f"{ex['floor']} | overhead {v['rag_overhead_vs_floor']['wall']:+.1%} wall / "
-            f"{v['rag_overhead_vs_floor']['cpu']:+.1%} CPU (goal ≤ +15 %) |",
-            f"| HF `RagTokenForGeneration`, contexts padded to {s['hf_context_tokens']} | {sec['hf_300']['wall']} / "
-            f"{sec['hf_300']['cpu']} | {ex['hf_300']} | {v['speedup_vs_hf_300']['wall']}× / "
-            f"{v['speedup_vs_hf_300']['cpu']}× faster (goal ≥ 1.5×) |",
-            f"| HF `RagTokenForGeneration`, same length as latentrag | {sec['hf_same_length']['wall']} / "
-            f"{sec['hf_same_length']['cpu']} | {ex['hf_same_length']} | {v['speedup_vs_hf_same_length']['wall']}× / "
-            f"{v['speedup_vs_hf_same_length']['cpu']}× faster |",
+            f"| latentrag | {sec['latentrag']['wall']} / {sec['latentrag']['cpu']} | {d['examples_per_s']['latentrag']} "
+            "| — |",
+            f"| floor | {sec['floor']['wall']} / {sec['floor']['cpu']} | {d['examples_per_s']['floor']} | "
+            f"{_pct(d['rag_overhead_vs_floor']['wall'])} / {_pct(d['rag_overhead_vs_floor']['cpu'])} |",
             "",
         ]
-    d = result.get("default_models")
-    if d:
+    m = result.get("default_models")
+    if m:
         lines += [
-            f"Default models (bundled MiniLM query tower + SmolLM2-135M-Instruct, fp32, CPU, `build_model` defaults), "
-            f"B=4 questions, index: {d['index']}; {d['steps']} step(s) per setting, each setting in its own process "
-            "(peak RSS of that process). The first step includes one-time allocation.",
+            "## Step cost of the default models on this CPU", "",
+            "Bundled MiniLM query tower + SmolLM2-135M-Instruct, fp32, built by the trainer's `build_model` (LoRA on "
+            "the generator and the query tower at the given rank; rank 0 = both fully trained), RAG-Token, B=4 "
+            f"questions, one thread, index: {m['index']}. {m['steps']} step(s) per setting, each setting in its own "
+            "process (its peak RSS); a first step includes one-time allocation. Absolute figures from a loaded "
+            "machine: CPU seconds are the better guide to an idle core.",
             "",
-            "| setting | trainable params (M) | prompt tokens per row | s/step | peak RSS (GiB) | RSS after load (GiB) |",
+            "| setting | trainable params (M) | prompt tokens per row | s/step wall | s/step CPU | peak RSS (GiB) |",
             "|---|---|---|---|---|---|",
         ]
-        for r in d["runs"]:
-            s = r["setting"]
-            label = (f"LoRA r={s['lora_rank']}" if s.get("lora_rank") else "full fine-tuning") + f", k={s['k']}"
+        for r in m["runs"]:
+            st = r["setting"]
+            label = (f"LoRA r={st['lora_rank']}" if st.get("lora_rank") else "full fine-tuning") + f", k={st['k']}"
             if "error" in r:
                 lines.append(f"| {label} | {r['error']} | | | | |")
                 continue
             lines.append(f"| {label} | {r['trainable_params_m']} | {r['prompt_tokens']} | "
-                         f"{' / '.join(str(x) for x in r['seconds_per_step'])} | {r['peak_rss_gib']} | "
-                         f"{r['rss_after_load_gib']} |")
+                         f"{' / '.join(str(x) for x in r['seconds_per_step'])} | "
+                         f"{' / '.join(str(x) for x in r['cpu_seconds_per_step'])} | {r['peak_rss_gib']} |")
         lines.append("")
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
 
@@ -404,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="BART-small shape, few repeats, 1 default-model step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--no-default-models", action="store_true", help="skip the default-model step costs")
+    parser.add_argument("--no-decoder-only", action="store_true", help="skip the decoder-only floor comparison")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one default-model setting (JSON), in its own process
     parser.add_argument("--index", help=argparse.SUPPRESS)
@@ -423,15 +508,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}",
               "threads": threads, "quick": args.quick}
-    log("latentrag vs floor vs Hugging Face")
-    result["versus"] = versus("small" if args.quick else "base", k=5, batch_size=4, repeats=3 if args.quick else 5)
+    size, repeats = ("small", 3) if args.quick else ("base", 5)
+    log(f"seq2seq (BART-{size} shape): latentrag vs floor vs Hugging Face")
+    result["versus"] = versus("seq2seq", size, k=5, batch_size=4, repeats=repeats)
     result["versus_seconds"] = round(time.perf_counter() - started, 1)
+    if not args.no_decoder_only:
+        log(f"decoder-only (Llama-{size} shape): latentrag vs floor")
+        result["decoder_only"] = versus("decoder-only", size, k=5, batch_size=4, repeats=repeats)
+    result["comparisons_seconds"] = round(time.perf_counter() - started, 1)
+    result["comparisons_cpu_seconds"] = round(time.process_time(), 1)
     if not args.no_default_models:
-        settings = [dict(lora_rank=16, k=5), dict(lora_rank=0, k=5), dict(lora_rank=16, k=3)]
+        settings = [dict(lora_rank=16, k=5), dict(lora_rank=16, k=3), dict(lora_rank=0, k=5)]  # largest last
         result["default_models"] = default_models(settings, 1 if args.quick else 3, threads, log)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     command = "python benchmarks/training.py" + (" --quick" if args.quick else "") + (
-        f" --threads {threads}" if threads != 1 else "") + (" --no-default-models" if args.no_default_models else "")
+        f" --threads {threads}" if threads != 1 else "") + (" --no-decoder-only" if args.no_decoder_only else "") + (
+        " --no-default-models" if args.no_default_models else "")
     if not args.no_write:
         write_results(result, command, "training-quick" if args.quick else "training")
     v = result["versus"]
@@ -439,12 +531,15 @@ def main(argv: list[str] | None = None) -> int:
                "speedup_vs_hf_300": v["speedup_vs_hf_300"]["wall"],
                "speedup_vs_hf_same_length": v["speedup_vs_hf_same_length"]["wall"],
                "losses_equal_hf": all(v["losses_equal_hf"].values()),
-               "versus_seconds": result["versus_seconds"], "total_seconds": result["total_seconds"]}
+               "comparisons_seconds": result["comparisons_seconds"], "total_seconds": result["total_seconds"]}
+    if "decoder_only" in result:
+        figures["decoder_only_rag_overhead_vs_floor"] = result["decoder_only"]["rag_overhead_vs_floor"]["wall"]
     for r in result.get("default_models", {}).get("runs", []):
         if "error" not in r:
             s = r["setting"]
             key = f"smollm2_{'lora' + str(s['lora_rank']) if s['lora_rank'] else 'full'}_k{s['k']}"
-            figures[key] = {"s_per_step": r["seconds_per_step"][-1], "peak_rss_gib": r["peak_rss_gib"]}
+            figures[key] = {"s_per_step": r["seconds_per_step"][-1], "cpu_s_per_step": r["cpu_seconds_per_step"][-1],
+                            "peak_rss_gib": r["peak_rss_gib"]}
     print(json.dumps(result, indent=2), file=sys.stderr)
     print(json.dumps(figures))
     return 0
