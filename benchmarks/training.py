@@ -1,7 +1,11 @@
 """Training speed: a latentrag training step against its floor and against Hugging Face, measured in one run.
 
-    python benchmarks/training.py --quick      # BART-small shape; then the default models, one step each
-    python benchmarks/training.py              # BART-base shape, more repeats: benchmarks/results/training.{json,md}
+    python benchmarks/training.py --quick      # small shapes (about 1 CPU-minute), then the default models, 1 step each
+    python benchmarks/training.py --quick --no-default-models   # the comparisons alone: under two minutes
+    python benchmarks/training.py              # BART-base / SmolLM2 shapes, 5 repeats, 3 default-model steps each
+
+Results: benchmarks/results/training{-quick}.{json,md}. The default-model part is slow on a CPU (SmolLM2 at
+B=4, k=5 is tens of CPU-seconds per step and ~10 GiB of activations): a --quick run takes ~10 minutes with it.
 
 A step is what `latentrag train` does per optimiser step (`training.trainer`): `Objective` (= `RagModel.forward`,
 −log p(y|x) under RAG-Token, eq. 3/4) with retrieval from a real flat `DenseIndex` at every step, backward,
@@ -208,7 +212,7 @@ def versus(kind: str, size: str, k: int, batch_size: int, repeats: int) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     turn: dict[str, int] = {}
 
