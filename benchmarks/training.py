@@ -365,7 +365,7 @@ def child(setting: dict, index_dir: str, steps: int) -> dict:
 
 def default_index(log) -> tuple[str, str]:
     """The bundled wiki-leads index if it is built; else a small one over the first passages (said so)."""
-    from latentrag.cli import default_index_dir
+    from latentrag.assets import default_index_dir
     from latentrag.retrieval.corpus import read_corpus, split_passages
     from latentrag.retrieval.encoders import DenseEncoder, freeze
     from latentrag.retrieval.index import MANIFEST, build_index
