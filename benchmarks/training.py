@@ -35,7 +35,6 @@ The last line printed is a JSON object of the figures.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
 import resource
@@ -307,15 +306,6 @@ def hf_versus(model, objective, tower, generator, index, k: int, batches: list) 
 
 
 # ---- the default models, one child process per setting ------------------------------------------------
-def _scale_shim() -> None:
-    """`build_model` sets requires_grad on the retriever's scale (issue 9, item 3), which may not have landed
-    on this branch yet: then give the class an inert, unregistered one so the trainer's own set-up runs."""
-    from latentrag.retrieval.retriever import Retriever
-
-    if "log_scale" not in inspect.getsource(Retriever):
-        Retriever.log_scale = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
-
-
 def _rss() -> int:
     """Resident memory of this process now (bytes)."""
     with open("/proc/self/status") as f:
@@ -328,7 +318,6 @@ def child(setting: dict, index_dir: str, steps: int) -> dict:
     from latentrag.training import TrainSettings
     from latentrag.training.trainer import Objective, _optimizer, _train_mode, build_model
 
-    _scale_shim()
     before = _rss()
     s = TrainSettings(train="-", out="-", index=index_dir, **setting)
     started = time.perf_counter()
