@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", default=None, help="index folder (default: the bundled wiki-leads index)")
     parser.add_argument("--dataset", default="trivia-test,nq-test", help="comma-separated QA data sets")
     parser.add_argument("--limit", type=int, default=500, help="answerable questions examined per data set")
-    parser.add_argument("--quick", action="store_true", help="12 questions per data set: minutes on a CPU")
+    parser.add_argument("--quick", action="store_true", help="20 questions per data set: minutes on a CPU")
     parser.add_argument("--match", default="em", choices=["em", "contained"],
                         help="em: exact match (the paper); contained: answer containment, for sentence answers")
     parser.add_argument("--k", type=int, default=None, help="passages per question (default: the model's)")
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from latentrag.assets import cache_dir
     from latentrag.atomic import atomic_write_text
     from latentrag.cli import _quiet_transformers, load_model
+    from latentrag.errors import LatentRagError
     from latentrag.evaluation.evaluate import EvalSettings, select_examples
     from latentrag.evaluation.knowledge_swap import run_knowledge_swap
     from latentrag.threads import configure_threads
@@ -151,15 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args).to(device).eval()
     index = model.retriever.index
-    limit = 12 if args.quick else args.limit
+    limit = 20 if args.quick else args.limit
     examples = {}
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:
         settings = EvalSettings(dataset=dataset, answerable_only=True, limit=limit)
         examples[dataset], _ = select_examples(settings, index, progress=True)
     work = Path(args.work) if args.work else cache_dir() / "knowledge-swap" / f"{index.directory.name}-counterfactual"
-    result = run_knowledge_swap(model, examples, work, k=args.k, mode=args.mode, match=args.match,
-                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                progress=True)
+    try:
+        result = run_knowledge_swap(model, examples, work, k=args.k, mode=args.mode, match=args.match,
+                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                    progress=True)
+    except LatentRagError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     result["run"] = {
         "command": "python benchmarks/knowledge_swap.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "model": args.model or "the default model (`latentrag.cli.load_model`: " + model.config.generator + ")",

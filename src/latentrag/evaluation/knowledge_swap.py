@@ -177,7 +177,7 @@ def plan_swaps(
         best, best_score = None, None
         for _, a in candidates:
             # never a substitute that holds one of the golds as words, or is held by one, or sits in the question
-            if M.has_answer(a, s.golds) or M.has_answer(s.golds[0], [a]) or M.has_answer(s.question, [a]):
+            if M.has_answer(a, s.golds) or any(M.has_answer(g, [a]) for g in s.golds) or M.has_answer(s.question, [a]):
                 continue
             if any(M.has_answer(texts[r], [a]) for r in read):
                 continue  # already stated in a passage the model read the answer from
