@@ -103,11 +103,11 @@ def render(result: dict) -> str:
         "",
         "## Examples",
         "",
-        "| question | gold | substitute | before | after | outcome |",
+        "| question | gold (as the index states it) | substitute | before | after | outcome |",
         "|---|---|---|---|---|---|",
     ]
     for r in result["records"][:12]:
-        cells = [r["question"], r["gold"][0], r["substitute"], r["original_prediction"], r["swapped_prediction"],
+        cells = [r["question"], r.get("stated") or r["gold"][0], r["substitute"], r["original_prediction"], r["swapped_prediction"],
                  r["outcome"]]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     if meta.get("note"):

@@ -54,10 +54,11 @@ def test_answer_kind():
 TEXTS = [p.text for p in tiny_passages()]
 SWAPS = [
     Swap("q0", "What is the capital of France?", ["Paris"]),
-    Swap("q1", "Who wrote Hamlet?", ["William Shakespeare", "Shakespeare"]),
+    Swap("q1", "Who wrote Hamlet?", ["The Bard", "William Shakespeare", "Shakespeare"]),
     Swap("q2", "Who walked on the Moon first?", ["Neil Armstrong"]),
     Swap("q3", "In which year was the Eiffel Tower built?", ["1889"]),
     Swap("q4", "Which city is the French capital?", ["paris"]),  # same answer as q0: dropped
+    Swap("q5", "Which river, the Nile or the Congo, flows through Egypt?", ["Nile"]),  # answer in the question
 ]
 
 
@@ -65,12 +66,15 @@ def test_plan_pairs_substitutes_from_other_questions_and_drops_clashes():
     finder = AnswerFinder(TEXTS)
     retrieved = {s.id: list(range(len(TEXTS))) for s in SWAPS}
     swaps, dropped = plan_swaps(SWAPS, finder, retrieved, TEXTS, seed=0)
-    assert [d["id"] for d in dropped] == ["q4"] and "shares a gold answer" in dropped[0]["why"]
+    assert [d["id"] for d in dropped] == ["q4", "q5"] and "shares a gold answer" in dropped[0]["why"]
+    assert "in the question" in dropped[1]["why"]
     by_id = {s.id: s for s in swaps}
     assert by_id["q0"].rows == [0, 1] and by_id["q1"].rows == [2, 3] and by_id["q3"].rows == [1]
-    golds = {s.golds[0] for s in SWAPS}
+    # the form the passages state (both say "William Shakespeare"; the longer of the tied aliases)
+    assert by_id["q1"].stated == "William Shakespeare"
+    stated = {s.stated for s in swaps}
     for s in swaps:
-        assert s.substitute in golds and s.substitute not in s.golds
+        assert s.substitute in stated and s.substitute not in s.golds
     # names get names; the year has no other number to pair with, so it takes a name
     for q in ("q0", "q1", "q2"):
         assert answer_kind(by_id[q].substitute) == "name"

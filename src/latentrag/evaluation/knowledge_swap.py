@@ -5,9 +5,10 @@ often the answer changes with the index (70 % / 68 %). Here the second index is 
 
 1. keep the questions whose gold answer is in the k retrieved passages *and* that the model answers
    correctly with the original index (`select_questions`);
-2. give each a substitute answer — the gold answer of another kept question, paired with a seeded
-   shuffle, preferring one of the same coarse kind (number / name / phrase), never one of its own gold
-   aliases, never one already in the passages it retrieved (`plan_swaps`);
+2. give each a substitute answer — the gold answer of another kept question (the alias its passages
+   state most often), paired with a seeded shuffle, preferring one of the same coarse kind (number / name / phrase), never one of its own gold
+   aliases, never one already in the passages it retrieved; a question whose answer is in its own wording
+   is dropped (`plan_swaps`);
 3. in every passage of the index holding a kept question's answer (DPR `has_answer`), replace each
    occurrence of every gold alias (case-insensitive, whole words) by the substitute, all questions in one
    pass so substitutes are never substituted again (`counterfactual_edits`); a question whose answer
@@ -50,6 +51,7 @@ class Swap:
     rows: list[int] = field(default_factory=list)
     dataset: str = ""
     original_prediction: str = ""
+    stated: str = ""  # the gold alias the index states most often: what another question gets as substitute
 
 
 def _check_match(match: str) -> None:
@@ -155,6 +157,9 @@ def plan_swaps(
         if not aliases:
             dropped.append({"id": s.id, "why": "no gold alias with any words"})
             continue
+        if M.has_answer(s.question, s.golds):
+            dropped.append({"id": s.id, "why": "its answer is in the question"})
+            continue
         clash = next((seen[a] for a in aliases if a in seen), None)
         if clash is not None:
             dropped.append({"id": s.id, "why": f"shares a gold answer with question {clash}"})
@@ -164,16 +169,18 @@ def plan_swaps(
             dropped.append({"id": s.id, "why": "no passage holds its answer"})
             continue
         seen.update((a, s.id) for a in aliases)
-        kept.append(Swap(**{**asdict(s), "rows": rows}))
+        counts = [(sum(M.has_answer(texts[r], [g]) for r in rows), len(g)) for g in s.golds]
+        stated = s.golds[max(range(len(s.golds)), key=lambda i: counts[i])]
+        kept.append(Swap(**{**asdict(s), "rows": rows, "stated": stated}))
     rng = random.Random(seed)
-    pool = [(s.id, s.golds[0]) for s in kept]
+    pool = [(s.id, s.stated) for s in kept]
     paired = []
     for s in kept:
         own = _own_aliases(s)
         read = [r for r in retrieved_rows.get(s.id, ()) if r in set(s.rows)]
         candidates = [(i, a) for i, a in pool if i != s.id and M.normalize_answer(a) not in own]
         rng.shuffle(candidates)
-        kind = answer_kind(s.golds[0])
+        kind = answer_kind(s.stated)
         best, best_score = None, None
         for _, a in candidates:
             # never a substitute that holds one of the golds as words, or is held by one, or sits in the question
@@ -309,7 +316,7 @@ def run_knowledge_swap(
             answers = model.generate([s.question for s in batch], mode=mode, k=k, max_new_tokens=max_new_tokens)
             for s, a in zip(batch, answers, strict=True):
                 records.append({
-                    "id": s.id, "dataset": s.dataset, "question": s.question, "gold": s.golds,
+                    "id": s.id, "dataset": s.dataset, "question": s.question, "gold": s.golds, "stated": s.stated,
                     "substitute": s.substitute, "original_prediction": s.original_prediction,
                     "swapped_prediction": a.text, "outcome": outcome(a.text, s.golds, s.substitute, match),
                     "edited_passages": len(s.rows),
