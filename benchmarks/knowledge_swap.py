@@ -92,7 +92,7 @@ def render(result: dict) -> str:
         lines.append(f"| {name} | {c['examined']} | {c['answer_retrieved']} | {c['answered']} |")
     reasons: dict[str, int] = {}
     for d in result["dropped"]:
-        key = d["why"].split(" in ")[0].split(" with question")[0]
+        key = d.get("reason", d["why"])
         reasons[key] = reasons.get(key, 0) + 1
     lines += [
         "",

@@ -7,7 +7,8 @@ often the answer changes with the index (70 % / 68 %). Here the second index is 
    correctly with the original index (`select_questions`);
 2. give each a substitute answer — the gold answer of another kept question (the alias its passages
    state most often), paired with a seeded shuffle, preferring one of the same coarse kind (number / name / phrase), never one of its own gold
-   aliases, never one already in the passages it retrieved; a question whose answer is in its own wording
+   aliases, never one already in the passages it retrieved, never one whose question shares a passage
+   with it; a question whose answer is in its own wording
    is dropped (`plan_swaps`);
 3. in every passage of the index holding a kept question's answer (DPR `has_answer`), replace each
    occurrence of every gold alias (case-insensitive, whole words) by the substitute, all questions in one
@@ -155,18 +156,18 @@ def plan_swaps(
     for s in selected:
         aliases = _own_aliases(s)
         if not aliases:
-            dropped.append({"id": s.id, "why": "no gold alias with any words"})
+            dropped.append({"id": s.id, "reason": "empty answer", "why": "no gold alias with any words"})
             continue
         if M.has_answer(s.question, s.golds):
-            dropped.append({"id": s.id, "why": "its answer is in the question"})
+            dropped.append({"id": s.id, "reason": "answer in the question", "why": "its answer is in the question"})
             continue
         clash = next((seen[a] for a in aliases if a in seen), None)
         if clash is not None:
-            dropped.append({"id": s.id, "why": f"shares a gold answer with question {clash}"})
+            dropped.append({"id": s.id, "reason": "answer shared", "why": f"shares a gold answer with question {clash}"})
             continue
         rows = finder.passages_with(s.golds)
         if not rows:
-            dropped.append({"id": s.id, "why": "no passage holds its answer"})
+            dropped.append({"id": s.id, "reason": "answer in no passage", "why": "no passage holds its answer"})
             continue
         seen.update((a, s.id) for a in aliases)
         counts = [(sum(M.has_answer(texts[r], [g]) for r in rows), len(g)) for g in s.golds]
@@ -174,6 +175,7 @@ def plan_swaps(
         kept.append(Swap(**{**asdict(s), "rows": rows, "stated": stated}))
     rng = random.Random(seed)
     pool = [(s.id, s.stated) for s in kept]
+    rows_of = {s.id: set(s.rows) for s in kept}
     paired = []
     for s in kept:
         own = _own_aliases(s)
@@ -182,7 +184,9 @@ def plan_swaps(
         rng.shuffle(candidates)
         kind = answer_kind(s.stated)
         best, best_score = None, None
-        for _, a in candidates:
+        for other, a in candidates:
+            if rows_of[other] & rows_of[s.id]:
+                continue  # it would be written into a passage that must lose the other question's answer
             # never a substitute that holds one of the golds as words, or is held by one, or sits in the question
             if M.has_answer(a, s.golds) or any(M.has_answer(g, [a]) for g in s.golds) or M.has_answer(s.question, [a]):
                 continue
@@ -194,7 +198,7 @@ def plan_swaps(
                 if score == (False, 0):
                     break
         if best is None:
-            dropped.append({"id": s.id, "why": "no substitute fits"})
+            dropped.append({"id": s.id, "reason": "no substitute", "why": "no substitute fits"})
             continue
         paired.append(Swap(**{**asdict(s), "substitute": best}))
     return paired, dropped
@@ -222,7 +226,7 @@ def counterfactual_edits(swaps: Sequence[Swap], texts: Sequence[str]) -> tuple[d
                 bad.append(s)
                 why = (f"its answer survives the rewrite in {survives} of {len(s.rows)} passages" if survives
                        else "the substitute appears in none of its passages")
-                dropped.append({"id": s.id, "why": why})
+                dropped.append({"id": s.id, "reason": "answer survives the rewrite", "why": why})
         if not bad:
             return {r: t for r, t in edits.items() if t != texts[r]}, swaps, dropped
         gone = {s.id for s in bad}
