@@ -140,17 +140,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from latentrag.assets import cache_dir
     from latentrag.atomic import atomic_write_text
-    from latentrag.cli import _quiet_transformers, load_model
+    from latentrag.cli import _quiet_transformers
     from latentrag.errors import LatentRagError
     from latentrag.evaluation.evaluate import EvalSettings, select_examples
     from latentrag.evaluation.knowledge_swap import run_knowledge_swap
+    from latentrag.loading import load_model
     from latentrag.threads import configure_threads
 
     start = time.perf_counter()
     threads = configure_threads(args.threads)
     _quiet_transformers()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args).to(device).eval()
+    model = load_model(args.model, args.index).to(device).eval()
     index = model.retriever.index
     limit = 20 if args.quick else args.limit
     examples = {}
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result["run"] = {
         "command": "python benchmarks/knowledge_swap.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "model": args.model or "the default model (`latentrag.cli.load_model`: " + model.config.generator + ")",
+        "model": args.model or "the default model (`latentrag.loading.load_model()`: " + model.config.generator + ")",
         "index": str(index.directory),
         "quick": args.quick,
         "limit_per_dataset": limit,

@@ -7,10 +7,14 @@
 
 from latentrag.retrieval.index.build import (
     CHUNK_SIZE,
+    add_corpus_to_index,
     add_to_index,
+    build_corpus_index,
     build_index,
     build_index_from_vectors,
+    check_index_target,
     chunk_count,
+    default_index,
     encode_passages,
 )
 from latentrag.retrieval.index.dense_index import DenseIndex, index_info
@@ -28,10 +32,14 @@ __all__ = [
     "VECTORS",
     "DenseIndex",
     "Manifest",
+    "add_corpus_to_index",
     "add_to_index",
+    "build_corpus_index",
     "build_index",
     "build_index_from_vectors",
+    "check_index_target",
     "chunk_count",
+    "default_index",
     "encode_passages",
     "index_info",
     "replace_passages",
