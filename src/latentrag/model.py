@@ -167,6 +167,8 @@ class RagModel(nn.Module):
         num_beams: int | None = None,
         k: int | None = None,
         max_new_tokens: int | None = None,
+        retrieved: RetrievedBatch | None = None,
+        on_token=None,
         **options,
     ) -> list[Answer]:
         """Answer each question; every answer carries its passages, p(z|x) and the posterior over them.
@@ -175,12 +177,23 @@ class RagModel(nn.Module):
         'fast'. num_beams defaults to 1 for greedy and 4 otherwise. options: min_new_tokens,
         length_penalty (0 = rank by log p(y|x); Hugging Face uses 1.0), early_stopping (see
         `latentrag.generation.decoding.DecodeOptions`).
+
+        retrieved: passages already retrieved for these questions by `retrieve` (a server retrieves once for
+        a batch, then generates); k is then theirs. on_token: RAG-Token greedy only, called after every
+        decoding step with the tokens and p(z|x,y_≤i) (`latentrag.generation.decoding.OnToken`), to stream.
         """
-        mode, k = self._check(mode, k)
+        mode, k = self._check(mode, k if retrieved is None else retrieved.k)
         kind = rag_type(mode)
         decoding = decoding or kind.default_decoding
         kind.options(decoding, num_beams, options)  # refuse bad settings before retrieving
-        retrieved = self.retrieve(questions if isinstance(questions, list) else [questions], k)
+        if on_token is not None:
+            if (mode, decoding) != ("token", "greedy"):
+                raise LatentRagError(f"tokens stream only from RAG-Token greedy decoding, not {mode}/{decoding}")
+            options["on_token"] = on_token
+        if retrieved is None:
+            retrieved = self.retrieve(questions if isinstance(questions, list) else [questions], k)
+        elif retrieved.questions != (questions if isinstance(questions, list) else [questions]):
+            raise LatentRagError("`retrieved` holds passages for other questions than those given")
         batch = self.generator.prepare(retrieved.questions, retrieved.passages)
         log_prior = retrieved.log_prior.float()
         decoded = kind.decode(
