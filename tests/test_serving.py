@@ -162,9 +162,10 @@ def test_stream_sends_each_token_with_its_posterior_then_the_answer(client):
     with client.stream("POST", "/v1/ask", json={"question": "What is the capital of France?", "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = _events(r.read().decode())
-    assert [name for name, _ in events] == ["token"] * len(plain["tokens"]) + ["answer"]
+    assert [name for name, _ in events] == ["passages"] + ["token"] * len(plain["tokens"]) + ["answer"]
+    assert events[0][1] == {"passages": plain["passages"], "index": plain["index"]}
     assert _without_timings(events[-1][1]) == _without_timings(plain)
-    for i, (_, token) in enumerate(events[:-1]):
+    for i, (_, token) in enumerate(events[1:-1]):
         assert token["step"] == i and token["token"] == plain["tokens"][i]
         assert _close(token["posterior"], plain["posterior"][i])
 

@@ -158,17 +158,18 @@ def create_app(service: RagService) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _stream(job):
-        """token events as they are decoded, then one `answer` event (the non-streamed body) or `error`."""
+        """`passages` once retrieved, a `token` event per decoded token, then `answer` (the non-streamed body)
+        or `error`."""
         try:
             while True:
                 getter = asyncio.ensure_future(job.events.get())
                 done, _ = await asyncio.wait({getter, job.future}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    yield _sse("token", getter.result())
+                    yield _sse(*getter.result())
                     continue
                 getter.cancel()
                 while not job.events.empty():
-                    yield _sse("token", job.events.get_nowait())
+                    yield _sse(*job.events.get_nowait())
                 try:
                     yield _sse("answer", job.future.result())
                 except LatentRagError as e:

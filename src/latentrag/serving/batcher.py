@@ -19,7 +19,7 @@ from typing import Any
 
 @dataclass(eq=False)
 class Job:
-    """One request. `events` (streaming only) receives dicts pushed from the worker thread as they happen."""
+    """One request. `events` (streaming only) receives (name, data) pairs pushed from the worker thread."""
 
     key: Hashable
     payload: Any
@@ -34,10 +34,10 @@ class Job:
     def gone(self) -> bool:
         return self.abandoned or self.future.cancelled()
 
-    def emit(self, event: dict) -> None:
-        """From the worker thread: hand an event to the request's stream on the event loop."""
+    def emit(self, name: str, data: dict) -> None:
+        """From the worker thread: hand an event (name, data) to the request's stream on the event loop."""
         if self.events is not None and not self.gone:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (name, data))
 
 
 class MicroBatcher:

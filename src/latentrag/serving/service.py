@@ -137,10 +137,14 @@ class RagService:
             retrieved = self.model.retrieve(questions, k)
         return retrieved, active, time.perf_counter() - start
 
-    def answer_batch(self, questions: list[str], settings: Settings, on_token=None
+    def answer_batch(self, questions: list[str], settings: Settings, on_token=None, on_retrieved=None
                      ) -> tuple[list[Answer], ActiveIndex, dict]:
-        """One batched retrieval, then one batched generation: the same answers as `model.generate` alone."""
+        """One batched retrieval, then one batched generation: the same answers as `model.generate` alone.
+
+        on_retrieved(retrieved, active): called between the two (a stream shows the passages first)."""
         retrieved, active, retrieve_s = self.retrieve_batch(questions, settings.k)
+        if on_retrieved is not None:
+            on_retrieved(retrieved, active)
         start = time.perf_counter()
         answers = self.model.generate(
             questions, mode=settings.mode, decoding=settings.decoding, num_beams=settings.num_beams,
@@ -158,8 +162,10 @@ class RagService:
             return [{"question": q, "passages": _passages(retrieved.passages[b], probs[b]), "index": active.ref(),
                      "timings": self._timings(job, len(jobs), retrieve_ms=_ms(retrieve_s))}
                     for b, (q, job) in enumerate(zip(questions, jobs, strict=True))]
-        on_token = self._streamer(jobs) if any(job.events is not None for job in jobs) else None
-        answers, active, timings = self.answer_batch(questions, value, on_token)
+        streaming = any(job.events is not None for job in jobs)
+        on_token = self._streamer(jobs) if streaming else None
+        on_retrieved = self._evidence(jobs) if streaming else None
+        answers, active, timings = self.answer_batch(questions, value, on_token, on_retrieved)
         return [{**answer.to_json(), "index": active.ref(), "timings": self._timings(job, len(jobs), **timings)}
                 for answer, job in zip(answers, jobs, strict=True)]
 
@@ -172,9 +178,19 @@ class RagService:
             ids, post = token_ids.tolist(), posterior.tolist()
             for b, job in enumerate(jobs):
                 if job.events is not None and ids[b] >= 0:
-                    job.emit({"step": step, "token_id": ids[b], "token": decode([ids[b]]), "posterior": post[b]})
+                    job.emit("token", {"step": step, "token_id": ids[b], "token": decode([ids[b]]),
+                                       "posterior": post[b]})
 
         return on_token
+
+    @staticmethod
+    def _evidence(jobs: list[Job]):
+        def on_retrieved(retrieved: RetrievedBatch, active: ActiveIndex) -> None:
+            probs = retrieved.log_prior.exp().tolist()
+            for b, job in enumerate(jobs):
+                job.emit("passages", {"passages": _passages(retrieved.passages[b], probs[b]), "index": active.ref()})
+
+        return on_retrieved
 
     @staticmethod
     def _timings(job: Job, size: int, **measured) -> dict:
