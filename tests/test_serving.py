@@ -270,3 +270,30 @@ def test_service_errors_carry_their_status(model, root):
     with pytest.raises(ServiceError) as info:
         service.index_dir("../etc")
     assert info.value.status == 400
+
+
+def test_cli_serve_is_a_thin_call_of_the_loader(root, tmp_path, monkeypatch, capsys):
+    import uvicorn
+    from tiny_models import tiny_bart
+
+    from latentrag import cli
+
+    tiny_dense_encoder("dpr-question", seed=1).save_pretrained(tmp_path / "q")
+    tiny_dense_encoder("dpr-context", seed=2).save_pretrained(tmp_path / "ctx")
+    bart, tok = tiny_bart(seed=0)
+    bart.save_pretrained(tmp_path / "gen")
+    tok.save_pretrained(tmp_path / "gen")
+    RagModel.from_components(query_encoder=str(tmp_path / "q"), document_encoder=str(tmp_path / "ctx"),
+                             generator=str(tmp_path / "gen"), k=2, max_new_tokens=4).save_pretrained(tmp_path / "saved")
+    captured = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
+    argv = ["--threads", "1", "serve", "--model", str(tmp_path / "saved"), "--indexes-root", str(root)]
+    assert cli.main([*argv, "--index", "facts", "--port", "9999", "--max-batch", "4"]) == 0
+    service = captured["app"].state.service
+    assert captured["port"] == 9999 and service.batcher.max_batch == 4 and service.active.name == "facts"
+    with TestClient(captured["app"]) as c:
+        body = c.post("/v1/ask", json={"question": "Who wrote Hamlet?"}).json()
+    assert len(body["passages"]) == 2 and body["index"]["name"] == "facts"
+    assert cli.main(argv) == 2 and "choose one with --index" in capsys.readouterr().err  # three indexes
+    assert cli.main([*argv, "--index", "../facts"]) == 2 and "not an index name" in capsys.readouterr().err
+    assert cli.main([*argv, "--index", "foreign"]) == 2 and "document encoder" in capsys.readouterr().err
