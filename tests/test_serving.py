@@ -297,3 +297,32 @@ def test_cli_serve_is_a_thin_call_of_the_loader(root, tmp_path, monkeypatch, cap
     assert cli.main(argv) == 2 and "choose one with --index" in capsys.readouterr().err  # three indexes
     assert cli.main([*argv, "--index", "../facts"]) == 2 and "not an index name" in capsys.readouterr().err
     assert cli.main([*argv, "--index", "foreign"]) == 2 and "document encoder" in capsys.readouterr().err
+
+
+def test_one_bad_request_fails_only_itself(model, root, monkeypatch):
+    from latentrag.errors import LatentRagError
+
+    original = model.retrieve
+
+    def retrieve(questions, k=None):
+        if any("poison" in q for q in questions):
+            raise LatentRagError("this question cannot be answered")
+        return original(questions, k)
+
+    monkeypatch.setattr(model, "retrieve", retrieve)
+    service = _service(model, root, max_batch=8, max_wait_ms=500)
+
+    async def scenario():
+        app = create_app(service)
+        await service.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+                return await asyncio.gather(*(c.post("/v1/ask", json={"question": q})
+                                              for q in ["poison pill", *QUESTIONS[:2]]))
+        finally:
+            await service.stop()
+
+    bad, *good = asyncio.run(scenario())
+    assert bad.status_code == 400 and "cannot be answered" in bad.json()["error"]
+    assert [r.status_code for r in good] == [200, 200]
+    assert [r.json()["timings"]["batch_size"] for r in good] == [1, 1]  # rerun alone after the batch was refused

@@ -3,7 +3,8 @@
 A request waits at most `max_wait_ms` for company and a batch holds at most `max_batch` requests; the oldest
 waiting request always goes next (no starvation), and only requests with the same key (their settings)
 share a batch. Batches run one at a time on a single worker thread, so the model is never used by two
-threads at once and the event loop stays free to accept requests while a batch runs.
+threads at once and the event loop stays free to accept requests while a batch runs. A batch refused
+for bad input (`LatentRagError`) is rerun one request at a time, so one bad request fails only itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from latentrag.errors import LatentRagError
 
 
 @dataclass(eq=False)
@@ -109,13 +112,25 @@ class MicroBatcher:
         self.batches += 1
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, batch[0].key, batch)
+        except LatentRagError as e:
+            if len(batch) > 1:  # one request's bad input must not fail the others: each runs alone
+                for job in batch:
+                    if not job.gone:
+                        await self._execute([job])
+                return
+            self._fail(batch, e)
+            return
         except Exception as e:  # the batch failed: every request in it gets the error
-            for job in batch:
-                if job.gone:
-                    job.future.cancel()  # nobody will read it
-                elif not job.future.done():
-                    job.future.set_exception(e)
+            self._fail(batch, e)
             return
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[Job], error: Exception) -> None:
+        for job in batch:
+            if job.gone:
+                job.future.cancel()  # nobody will read it
+            elif not job.future.done():
+                job.future.set_exception(error)
