@@ -111,6 +111,7 @@ BAD_ASKS = [
     ({"question": "x" * 2001}, 422, "question"),
     ({}, 422, "question"),
     ({"question": 42}, 422, "question"),
+    ({"question": "qz " * 600}, 422, "shorten the question"),  # leaves the generator no room for a passage
     ({"question": "Who?", "k": 0}, 422, "k"),
     ({"question": "Who?", "k": "3"}, 422, "k"),
     ({"question": "Who?", "k": 11}, 422, "size of index"),  # bounded by the index (10 passages)

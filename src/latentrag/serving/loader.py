@@ -1,7 +1,8 @@
 """Resolving what a server answers with: the default model and index, built and cached on first use.
 
-Library functions a CLI and a server both call (issue 11 §7). `ensure_default_index` builds the bundled
-wiki-leads index with `build_index` directly (the CLI's version goes through its argparse command).
+The bundled index is resolved and built by the library (`latentrag.retrieval.index.default_index`, as the
+CLI does); what is the server's own is the indexes root (a folder of index folders, named by folder name)
+and the trained default model.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from pathlib import Path
 from latentrag.errors import LatentRagError
 from latentrag.retrieval.index import MANIFEST
 
-DEFAULT_INDEX = "wiki-leads-minilm-flat"  # the bundled corpus with the bundled MiniLM tower, exact search
+DEFAULT_INDEX = "wiki-leads-minilm-flat"  # = default_index().name: the bundled corpus and tower, exact search
 TRAINED_MODEL = "rag-default"  # where a trained default model is saved under the cache's models/
 
 
 def default_indexes_root() -> Path:
-    from latentrag.assets import cache_dir
+    """The cache's indexes folder, where `latentrag index build` puts indexes by default."""
+    from latentrag.assets import default_index_dir
 
-    return cache_dir() / "indexes"
+    return default_index_dir().parent
 
 
 def trained_model_dir() -> Path | None:
@@ -28,20 +30,6 @@ def trained_model_dir() -> Path | None:
 
     directory = cache_dir() / "models" / TRAINED_MODEL
     return directory if (directory / CONFIG_FILE).is_file() else None
-
-
-def ensure_default_index(progress: bool = True) -> Path:
-    """The bundled wiki-leads index under the default root, built once (with a progress bar) and cached."""
-    directory = default_indexes_root() / DEFAULT_INDEX
-    if not (directory / MANIFEST).exists():
-        from latentrag.retrieval.corpus import read_corpus, split_passages
-        from latentrag.retrieval.encoders import DenseEncoder, freeze
-        from latentrag.retrieval.index import build_index
-
-        encoder = freeze(DenseEncoder.from_pretrained("minilm"))
-        build_index(split_passages(read_corpus("wiki-leads"), words=100), encoder, directory, index_type="flat",
-                    progress=progress, corpus="wiki-leads", passage_words=100, encoder_source="minilm")
-    return directory
 
 
 def load_default_model(model_dir: str | Path | None = None):
@@ -67,7 +55,9 @@ def load_service(model_dir: str | Path | None = None, index: str | None = None,
     if indexes_root is None:
         root = default_indexes_root()
         if index is None or index == DEFAULT_INDEX:
-            ensure_default_index()
+            from latentrag.retrieval.index import default_index
+
+            root = default_index().parent  # built once into the cache
     else:
         root = Path(indexes_root).expanduser()
     if index is None:

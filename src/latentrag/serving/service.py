@@ -117,6 +117,10 @@ class RagService:
             kind.options(decoding, request.num_beams, {"max_new_tokens": max_new_tokens})
         except LatentRagError as e:
             raise ServiceError(str(e), 422) from e
+        try:  # a question too long to leave room for any passage would fail its whole batch
+            self.model.generator.check_prompt_budget([request.question])
+        except LatentRagError as e:
+            raise ServiceError(str(e), 422) from e
         if request.stream and (mode, decoding) != ("token", "greedy"):
             raise ServiceError(f"streaming needs mode 'token' with decoding 'greedy', not {mode}/{decoding}", 422)
         return Settings(mode, decoding, self._k(request.k), request.num_beams, max_new_tokens)
