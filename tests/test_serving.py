@@ -298,6 +298,7 @@ def test_cli_serve_is_a_thin_call_of_the_loader(root, tmp_path, monkeypatch, cap
     assert cli.main(argv) == 2 and "choose one with --index" in capsys.readouterr().err  # three indexes
     assert cli.main([*argv, "--index", "../facts"]) == 2 and "not an index name" in capsys.readouterr().err
     assert cli.main([*argv, "--index", "foreign"]) == 2 and "document encoder" in capsys.readouterr().err
+    assert cli.main([*argv, "--index", "facts", "--max-batch", "0"]) == 2 and "max batch" in capsys.readouterr().err
 
 
 def test_one_bad_request_fails_only_itself(model, root, monkeypatch):

@@ -48,7 +48,8 @@ class MicroBatcher:
 
     def __init__(self, run: Callable[[Hashable, list[Job]], list], max_batch: int = 8, max_wait_ms: float = 5.0):
         if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch must be ≥ 1 and max_wait_ms ≥ 0")
+            raise LatentRagError(f"max batch must be at least 1 and max wait at least 0 ms, got {max_batch} and "
+                                 f"{max_wait_ms}")
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000.0
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task | None = None
