@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/retrieval.py --quick
 	$(BIN)/python benchmarks/decoding.py --quick
+	$(BIN)/python benchmarks/load.py --quick
 
 clean-venv:
 	rm -rf $(VENV)
