@@ -328,3 +328,54 @@ def test_one_bad_request_fails_only_itself(model, root, monkeypatch):
     assert bad.status_code == 400 and "cannot be answered" in bad.json()["error"]
     assert [r.status_code for r in good] == [200, 200]
     assert [r.json()["timings"]["batch_size"] for r in good] == [1, 1]  # rerun alone after the batch was refused
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_decoding(model, root, monkeypatch):
+    """Over a real socket: the client reads one token and hangs up; decoding stops, the server carries on."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    gen, steps = model.generator, []
+    start, step = gen.start, gen.step
+
+    def no_end(logprobs):  # never </s>: without the hang-up, decoding would run all max_new_tokens steps
+        logprobs[..., gen.eos_token_id] = float("-inf")
+        return logprobs
+
+    def slow_step(state, tokens):
+        steps.append(time.perf_counter())
+        time.sleep(0.02)
+        new_state, logprobs = step(state, tokens)
+        return new_state, no_end(logprobs)
+
+    monkeypatch.setattr(gen, "start", lambda *a, **kw: (lambda s, lp: (s, no_end(lp)))(*start(*a, **kw)))
+    monkeypatch.setattr(gen, "step", slow_step)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(_service(model, root, max_wait_ms=1)), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        body = {"question": "Who wrote Hamlet?", "stream": True, "max_new_tokens": 200}
+        with httpx.stream("POST", url + "/v1/ask", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: token"):
+                    break  # leave after the first token
+        taken, deadline = -1, time.perf_counter() + 60
+        while len(steps) != taken and time.perf_counter() < deadline:  # until decoding is quiet for 0.5 s
+            taken = len(steps)
+            time.sleep(0.5)
+        assert taken < 199  # stopped before its 200 tokens (199 steps after the first), not run to the end
+        monkeypatch.undo()
+        assert httpx.post(url + "/v1/ask", json={"question": "Who wrote Hamlet?"}, timeout=30).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
