@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint bench clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-assets.txt pyproject.toml
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # browser test (root)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -25,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/retrieval.py --quick
 	$(BIN)/python benchmarks/decoding.py --quick
+	$(BIN)/python benchmarks/load.py --quick
 
 clean-venv:
 	rm -rf $(VENV)

@@ -403,3 +403,44 @@ def test_cli_ask_passes_decoding_options(rag_model, monkeypatch, capsys):
     assert cli.main(["--threads", "1", "ask", "Who wrote Hamlet?", "--decoding", "beam", "--beams", "2"]) == 0
     assert "avg p(z|x,y_≤i)" in capsys.readouterr().out
     assert cli.main(["--threads", "1", "ask", "Who wrote Hamlet?", "--mode", "token", "--decoding", "fast"]) == 2
+
+
+def test_on_token_reports_each_greedy_step_as_the_final_answer_has_it(generator, batch, log_prior):
+    steps = []
+    with torch.inference_mode():
+        plain = rag_token_decode(generator, batch, log_prior, DecodeOptions(6, num_beams=1))
+        streamed = rag_token_decode(generator, batch, log_prior, DecodeOptions(6, num_beams=1),
+                                    on_token=lambda t, ids, post: steps.append((t, ids.clone(), post.clone())))
+    assert [d.token_ids for d in streamed] == [d.token_ids for d in plain]
+    assert [t for t, _, _ in steps] == list(range(len(steps)))
+    for b, d in enumerate(plain):
+        reported = [(int(ids[b]), post[b]) for _, ids, post in steps if int(ids[b]) != -1]
+        assert [tok for tok, _ in reported] == d.token_ids  # -1 only after the answer ended
+        torch.testing.assert_close(torch.stack([p for _, p in reported]), d.posterior)
+
+
+def test_on_token_stops_decoding_when_it_raises_and_refuses_beams(generator, batch, log_prior):
+    class Stop(Exception):
+        pass
+
+    def stop(t, ids, post):
+        raise Stop
+
+    with torch.inference_mode(), pytest.raises(Stop):
+        rag_token_decode(generator, batch, log_prior, DecodeOptions(6, num_beams=1), on_token=stop)
+    with torch.inference_mode(), pytest.raises(LatentRagError, match="greedy"):
+        rag_token_decode(generator, batch, log_prior, DecodeOptions(6, num_beams=2), on_token=stop)
+
+
+def test_generate_on_retrieved_passages_and_with_on_token(rag_model):
+    questions = QUESTIONS[:3]
+    alone = rag_model.generate(questions, k=K)
+    retrieved = rag_model.retrieve(questions, K)
+    seen = []
+    given = rag_model.generate(questions, retrieved=retrieved, on_token=lambda t, ids, post: seen.append(t))
+    assert [a.to_json() for a in given] == [a.to_json() for a in alone]
+    assert seen == list(range(len(seen))) and seen
+    with pytest.raises(LatentRagError, match="other questions"):
+        rag_model.generate(questions[:2], retrieved=retrieved)
+    with pytest.raises(LatentRagError, match="stream only"):
+        rag_model.generate(questions, mode="sequence", on_token=lambda *a: None)

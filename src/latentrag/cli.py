@@ -154,6 +154,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Run the HTTP service (FastAPI under uvicorn) over the model and an index under the indexes root."""
+    import uvicorn
+
+    from latentrag.serving import create_app
+    from latentrag.serving.loader import load_service
+
+    service = load_service(args.model, args.index, args.indexes_root, args.max_batch, args.max_wait_ms)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def cmd_demo(args) -> int:
     model = load_model(args)
     for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=DEFAULT_K):
@@ -246,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     worked = sub.add_parser("worked-examples", help="recompute every number of the course seed")
     worked.add_argument("--json", action="store_true")
     worked.set_defaults(func=cmd_worked_examples)
+
+    serve = sub.add_parser("serve", help="serve the API and the web page (FastAPI + uvicorn); see docs/serving.md")
+    serve.add_argument("--model", default=None, help="a saved RagModel folder (default: trained, else bundled)")
+    serve.add_argument("--index", default=None, help="index name under --indexes-root (default: bundled)")
+    serve.add_argument("--indexes-root", default=None, help="folder of index folders (default: the cache's)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8, help="requests per micro-batch at most")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for company")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="build the default index if missing and answer three questions")
     demo.set_defaults(func=cmd_demo)

@@ -263,6 +263,7 @@ class RagModel(nn.Module):
         k: int | None = None,
         max_new_tokens: int | None = None,
         retrieved: RetrievedBatch | None = None,
+        on_token=None,
         **options,
     ) -> list[Answer]:
         """Answer each question; every answer carries its passages, p(z|x) and the posterior over them.
@@ -272,6 +273,9 @@ class RagModel(nn.Module):
         max_new_tokens to the config's. `retrieved` (from `retrieve`) skips retrieval: its first k passages
         are used (all of them when k is None). options: min_new_tokens, length_penalty (0 = rank by
         log p(y|x); Hugging Face uses 1.0), early_stopping (see `latentrag.generation.decoding.DecodeOptions`).
+
+        on_token: RAG-Token greedy only, called after every decoding step with the tokens and p(z|x,y_≤i)
+        (`latentrag.generation.decoding.OnToken`), to stream.
         """
         mode, k = self._check(mode, k if retrieved is None or k is not None else retrieved.k)
         kind = rag_type(mode)
@@ -280,6 +284,10 @@ class RagModel(nn.Module):
             num_beams = self.config.num_beams
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens  # 0 is refused
         kind.options(decoding, num_beams, {**options, "max_new_tokens": max_new_tokens})  # before retrieving
+        if on_token is not None:
+            if (mode, decoding) != ("token", "greedy"):
+                raise LatentRagError(f"tokens stream only from RAG-Token greedy decoding, not {mode}/{decoding}")
+            options["on_token"] = on_token
         questions = questions if isinstance(questions, list) else [questions]
         self.generator.check_prompt_budget(questions)
         retrieved = self._retrieved(questions, k, retrieved)

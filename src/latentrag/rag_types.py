@@ -102,9 +102,10 @@ class RagToken(RagType):
         """(B,T,k): p(z|x,y_≤i) ∝ p_η(z|x) p_θ(y_i|x,z,y_<i)."""
         return marginals.token_posterior(log_prior, token_logprobs)
 
-    def decode(self, generator, batch, log_prior, decoding, num_beams=None, **options):
-        """Greedy or beam search over the per-token marginal; each answer's posterior is p(z|x,y_≤i) (T,k)."""
-        return rag_token_decode(generator, batch, log_prior, self.options(decoding, num_beams, options))
+    def decode(self, generator, batch, log_prior, decoding, num_beams=None, on_token=None, **options):
+        """Greedy or beam search over the per-token marginal; each answer's posterior is p(z|x,y_≤i) (T,k).
+        on_token: greedy's per-step report (`latentrag.generation.decoding.OnToken`)."""
+        return rag_token_decode(generator, batch, log_prior, self.options(decoding, num_beams, options), on_token)
 
 
 RAG_TYPES: dict[str, RagType] = {"sequence": RagSequence(), "token": RagToken()}

@@ -29,6 +29,7 @@ p_η(z|x) p_θ(y_i|x,z,y_<i) for every generated token (T,k); RAG-Sequence, p(z|
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,11 @@ from latentrag.marginals import sequence_posterior, token_posterior
 
 NEG = -1.0e9  # "impossible" score for bookkeeping (as HF's beam search): finite, so sums stay ordered
 RESCORE_ELEMENTS = 1 << 25  # logits held at once when re-scoring (rows · positions · vocabulary)
+
+OnToken = Callable[[int, Tensor, Tensor], None]
+"""on_token(step, token_ids (B,), posterior (B,k)): greedy RAG-Token's report after each step — the token
+each question chose (−1 for a question whose answer had already ended) and p(z|x,y_≤step) over its k
+passages, equal to row `step` of the final `Decoded.posterior`. An exception raised here stops decoding."""
 
 
 @dataclass
@@ -158,8 +164,10 @@ def start_answers(generator: Generator, batch: GeneratorBatch) -> tuple[DecodeSt
 
 
 def greedy_search(generator: Generator, state: DecodeState, logprobs: Tensor, scorer, groups: int,
-            opts: DecodeOptions) -> Hypotheses:
-    """Argmax of the group's next-token scores at every step; finished groups are fed padding (as HF)."""
+            opts: DecodeOptions, on_token: OnToken | None = None) -> Hypotheses:
+    """Argmax of the group's next-token scores at every step; finished groups are fed padding (as HF).
+
+    on_token (RAG-Token scorer only): called after every step, see `OnToken`."""
     eos, pad, steps, r = generator.eos_token_id, generator.pad_token_id, opts.max_new_tokens, scorer.rows
     device = logprobs.device
     tokens = torch.full((groups, steps), pad, dtype=torch.long, device=device)
@@ -176,6 +184,8 @@ def greedy_search(generator: Generator, state: DecodeState, logprobs: Tensor, sc
         score += torch.where(finished, 0.0, beam_lp.gather(1, best[:, None]).squeeze(1))
         tokens[:, t] = best
         docs[:, t] = per_doc[:, 0].gather(-1, best.view(groups, 1, 1).expand(groups, r, 1)).squeeze(-1)
+        if on_token is not None:  # p(z|x,y_≤t) of this step's tokens: the rows `token_posterior` gives at the end
+            on_token(t, torch.where(finished, -1, best), torch.softmax(scorer.log_prior + docs[:, t], dim=-1))
         done = ~finished & (best == eos)
         lengths[done] = t + 1
         finished |= done
@@ -262,22 +272,27 @@ def beam_search(generator: Generator, state: DecodeState, logprobs: Tensor, scor
     return Hypotheses(fin_tok, fin_raw, fin_len, fin_docs)
 
 
-def search(generator, state, logprobs, scorer, groups, opts) -> Hypotheses:
+def search(generator, state, logprobs, scorer, groups, opts, on_token: OnToken | None = None) -> Hypotheses:
     if opts.num_beams == 1:  # HF: one beam is greedy search
-        return greedy_search(generator, state, logprobs, scorer, groups, opts)
+        return greedy_search(generator, state, logprobs, scorer, groups, opts, on_token)
+    if on_token is not None:
+        raise LatentRagError("tokens can be reported as they are decoded only by greedy search (num_beams=1)")
     return beam_search(generator, state, logprobs, scorer, groups, opts)
 
 
 @torch.inference_mode()
 def rag_token_decode(generator: Generator, batch: GeneratorBatch, log_prior: Tensor,
-                     opts: DecodeOptions | None = None) -> list[Decoded]:
-    """RAG-Token greedy (num_beams=1) or beam search over p'(y_i|x,y_<i). log_prior (B,k) -> B answers."""
+                     opts: DecodeOptions | None = None, on_token: OnToken | None = None) -> list[Decoded]:
+    """RAG-Token greedy (num_beams=1) or beam search over p'(y_i|x,y_<i). log_prior (B,k) -> B answers.
+
+    on_token (greedy only): called after every step with the B tokens chosen and their posteriors, so a
+    caller can stream an answer with its provenance while it is decoded (see `OnToken`)."""
     opts = opts or DecodeOptions()
     opts.check()
     log_prior = log_prior.float()
     bsz = log_prior.shape[0]
     state, logprobs = start_answers(generator, batch)
-    hyps = search(generator, state, logprobs, TokenMarginal(log_prior), bsz, opts)
+    hyps = search(generator, state, logprobs, TokenMarginal(log_prior), bsz, opts, on_token)
     out = []
     for b in range(bsz):
         ids, score, docs = hyps.get(b, 0)  # docs (T,k)
@@ -286,10 +301,11 @@ def rag_token_decode(generator: Generator, batch: GeneratorBatch, log_prior: Ten
     return out
 
 
-def rag_token_greedy(generator: Generator, batch: GeneratorBatch, log_prior: Tensor, max_new_tokens: int = MAX_NEW_TOKENS,
-                     min_new_tokens: int = 0) -> list[Decoded]:
+def rag_token_greedy(generator: Generator, batch: GeneratorBatch, log_prior: Tensor,
+                     max_new_tokens: int = MAX_NEW_TOKENS,
+                     min_new_tokens: int = 0, on_token: OnToken | None = None) -> list[Decoded]:
     """Greedy RAG-Token decoding: at each step the argmax of the marginal p'(y_i|x,y_<i)."""
-    return rag_token_decode(generator, batch, log_prior, DecodeOptions(max_new_tokens, min_new_tokens, 1))
+    return rag_token_decode(generator, batch, log_prior, DecodeOptions(max_new_tokens, min_new_tokens, 1), on_token)
 
 
 def teacher_forced_logprobs(generator: Generator, state: DecodeState, first: Tensor, rows: Tensor,
