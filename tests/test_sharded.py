@@ -27,13 +27,6 @@ IDENTITY = {"name": "test-tower", "sha256": "ab" * 32}
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Random vectors (no two scores tie) indexed flat in one folder and in three shards."""
     rng = np.random.default_rng(0)

@@ -40,13 +40,33 @@ def ensure_default_index(progress: bool = True) -> Path:
     return directory
 
 
+def open_index(args) -> object:
+    """The searcher for --index: a `DenseIndex` in this process, or with --ray a `ShardedIndex` whose shards
+    are served by Ray actors on the cluster at --address."""
+    from latentrag.distributed.sharded import is_sharded
+
+    index = Path(args.index) if getattr(args, "index", None) else ensure_default_index()
+    if getattr(args, "ray", False):
+        from latentrag.distributed.sharded import ShardedIndex
+
+        return ShardedIndex(index, address=args.address)
+    if is_sharded(index):
+        raise LatentRagError(f"{index} is a sharded index: add --ray (and --address for a running cluster)")
+    from latentrag.retrieval.index import DenseIndex
+
+    return DenseIndex.load(index)
+
+
 def load_model(args) -> object:
     from latentrag.model import RagConfig, RagModel
 
-    index = Path(args.index) if getattr(args, "index", None) else ensure_default_index()
+    index = open_index(args)
     if getattr(args, "model", None):
-        return RagModel.from_pretrained(args.model, index=index)
-    return RagModel.from_components(index=index, config=RagConfig())
+        model = RagModel.from_pretrained(args.model)
+    else:
+        model = RagModel.from_components(config=RagConfig())
+    model.retriever.swap_index(index)  # the searcher interface: in-process or sharded on Ray alike
+    return model
 
 
 # ---- commands ---------------------------------------------------------------------------------------
@@ -58,12 +78,25 @@ def cmd_index_build(args) -> int:
     out = Path(args.out) if args.out else default_index_dir(args.corpus)
     encoder = freeze(DenseEncoder.from_pretrained(args.encoder))
     passages = split_passages(read_corpus(args.corpus), words=args.passage_words)
+    source = str(Path(args.encoder).resolve()) if Path(args.encoder).exists() else args.encoder
+    if getattr(args, "ray", False):
+        from latentrag.distributed.encoding import build_sharded_index
+
+        report = build_sharded_index(
+            passages, encoder, out, args.shards, index_type=args.index_type, batch_size=args.batch_size,
+            progress=not args.quiet, address=args.address, workers=args.workers, num_cpus=args.cpus_per_worker,
+            threads=args.threads or 1, resume=args.resume, chunk_size=args.chunk_size,
+            exact_vectors=args.exact_vectors, corpus=str(args.corpus), passage_words=args.passage_words,
+            encoder_source=source)
+        print(f"built {report.shards} {args.index_type} shards of {report.passages} passages in {out} "
+              f"({report.encoded_blocks} blocks encoded, {report.reused_blocks} reused)", file=sys.stderr)
+        return 0
     index = build_index(passages, encoder, out, index_type=args.index_type, batch_size=args.batch_size,
                         progress=not args.quiet, resume=getattr(args, "resume", False),
                         chunk_size=getattr(args, "chunk_size", CHUNK_SIZE),
                         exact_vectors=getattr(args, "exact_vectors", None), corpus=str(args.corpus),
                         passage_words=args.passage_words,
-                        encoder_source=str(Path(args.encoder).resolve()) if Path(args.encoder).exists() else args.encoder)
+                        encoder_source=source)
     print(f"built {index.manifest.index_type} index of {len(index)} passages (dim {index.dim}) in {out}",
           file=sys.stderr)
     return 0
@@ -86,8 +119,14 @@ def cmd_index_add(args) -> int:
 
 
 def cmd_index_info(args) -> int:
+    from latentrag.distributed.sharded import is_sharded, read_sharded
     from latentrag.retrieval.index import index_info
 
+    if is_sharded(args.directory):
+        manifest, shards = read_sharded(args.directory)
+        info = {"directory": str(args.directory), **vars(manifest), "shards": [vars(s) for s in shards]}
+        print(json.dumps(info, indent=2))
+        return 0
     info = index_info(args.directory)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -148,6 +187,9 @@ def cmd_eval(args) -> int:
         return 0
     if not args.dataset:
         raise LatentRagError("give --dataset NAME|PATH.jsonl to evaluate, or --predictions FILE to re-score")
+    if args.ray and args.answerable_only:
+        raise LatentRagError("--answerable-only scans every passage in this process: filter without --ray, "
+                             "or evaluate on all questions with --ray")
     model = load_model(args)
     ks = args.k or [5]
     base = Path(args.out) if args.out else Path("eval-runs") / (
@@ -207,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--exact-vectors", action=argparse.BooleanOptionalAction, default=None,
                        help="keep exact float32 vectors (default: only for sq8/pq types)")
     build.add_argument("--quiet", action="store_true")
+    build.add_argument("--ray", action="store_true",
+                       help="encode on a Ray cluster (ray.data, encoder actors) into --shards index shards")
+    build.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
+    build.add_argument("--shards", type=int, default=1, help="with --ray: number of index shards")
+    build.add_argument("--workers", type=int, default=2, help="with --ray: encoder actors")
+    build.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --ray: CPUs each actor requests")
     build.set_defaults(func=cmd_index_build)
 
     add = index.add_parser("add", help="append passages from a corpus to an index")
@@ -241,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: model's)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ask.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
+    ask.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
     ask.add_argument("--json", action="store_true")
     ask.set_defaults(func=cmd_ask)
 
@@ -269,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ev.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ev.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
+    ev.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
     ev.set_defaults(func=cmd_eval)
     return parser
 
