@@ -120,3 +120,8 @@ def test_a_shard_that_cannot_come_back_is_named(ray_cluster, corpus, tmp_path):
             index.search(corpus[4], 3)
     finally:
         index.close()
+
+
+def test_an_actor_that_cannot_be_placed_is_an_error_not_a_hang(ray_cluster, corpus):
+    with pytest.raises(LatentRagError, match=r"did not start within 2 s: each actor asks for 8 CPU"):
+        ShardedIndex(corpus[0] / "sharded", num_cpus=8, start_timeout=2)

@@ -57,6 +57,7 @@ class EncodeReport:
     reused_blocks: int
     encode_seconds: float
     total_seconds: float
+    first_block_seconds: float = 0.0  # encoding start to the first saved block: mostly actor start-up
 
 
 class BlockEncoder:
@@ -87,8 +88,9 @@ def _encode_missing(
     num_cpus: float,
     threads: int,
     progress: bool,
-) -> None:
-    """Encode the blocks `missing` on a pool of actors, saving each block's vectors as soon as it is whole."""
+) -> float:
+    """Encode the blocks `missing` on a pool of actors, saving each block's vectors as soon as it is whole.
+    Returns when (perf_counter) the first block was saved."""
     import ray
     import ray.data
 
@@ -109,6 +111,7 @@ def _encode_missing(
         num_cpus=num_cpus,
     )
     pending: dict[int, tuple[np.ndarray, int]] = {}
+    first_saved = 0.0
     total = sum(bounds[c][1] - bounds[c][0] for c in missing)
     with tqdm(total=total, desc="encoding (ray)", unit="passage", disable=not progress) as bar:
         for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -121,6 +124,7 @@ def _encode_missing(
                 filled += int(mine.sum())
                 if filled == b - a:
                     _save_npy(_chunk_path(work, c), block)  # this block never needs encoding again
+                    first_saved = first_saved or time.perf_counter()
                     pending.pop(c, None)
                 else:
                     pending[c] = (block, filled)
@@ -128,6 +132,7 @@ def _encode_missing(
     del encoder_ref
     if pending:  # pragma: no cover - ray.data returned fewer rows than it was given
         raise LatentRagError(f"the Ray pipeline lost rows of blocks {sorted(pending)}; run again with resume=True")
+    return first_saved
 
 
 def _rows(chunks: list[np.ndarray], chunk: int, a: int, b: int) -> np.ndarray:
@@ -209,10 +214,10 @@ def build_sharded_index(
     store = PassageStore(work / PASSAGES)
     bounds = [(s, min(count, s + chunk_size)) for s in range(0, count, chunk_size)]
     missing = [c for c, (a, b) in enumerate(bounds) if not _chunk_ok(_chunk_path(work, c), b - a, encoder.dim)]
-    encode_started = time.perf_counter()
+    encode_started = first_saved = time.perf_counter()
     if missing:
         connect(address)
-        _encode_missing(store, encoder, work, bounds, missing, batch_size=batch_size, workers=workers,
+        first_saved = _encode_missing(store, encoder, work, bounds, missing, batch_size=batch_size, workers=workers,
                         num_cpus=num_cpus, threads=threads, progress=progress)
     encode_seconds = time.perf_counter() - encode_started
     params = default_params(index_type, count, encoder.dim)
@@ -227,4 +232,4 @@ def build_sharded_index(
     assemble_shards(out, store, lambda a, b: _rows(chunks, chunk_size, a, b), manifest, shards, exact)
     finish_sharded(work, directory, state["build_id"])
     return EncodeReport(directory, count, shards, len(missing), len(bounds) - len(missing), encode_seconds,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, first_saved - encode_started)

@@ -226,9 +226,12 @@ class ShardedIndex:
         num_cpus: float = 0.25,
         threads: int = 1,
         max_restarts: int = 2,
+        start_timeout: float = 300.0,
     ):
         """Start the shard actors of the sharded index folder `directory` on the Ray cluster at `address`
-        (None: a local one). `num_cpus` is each actor's CPU request (fractions pack several per core)."""
+        (None: a local one). `num_cpus` is each actor's CPU request (fractions pack several per core; an
+        actor that cannot be placed within `start_timeout` seconds is an error, not a hang); `threads` the
+        torch/faiss threads each actor searches with."""
         from latentrag.distributed.cluster import connect
 
         self.directory = Path(directory).expanduser().resolve()
@@ -237,7 +240,18 @@ class ShardedIndex:
         self._threads = threads
         ray = connect(address)
         self._actors = [self._spawn(s) for s in range(len(self.shards))]
-        sizes = [self._call(s, lambda a: a.size.remote()) for s in range(len(self.shards))]
+        refs = [a.size.remote() for a in self._actors]
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=start_timeout)
+        if waiting:
+            late = [s for s, ref in enumerate(refs) if ref in waiting]
+            free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
+            self.close()
+            raise LatentRagError(
+                f"shards {late} of {self.directory} did not start within {start_timeout:.0f} s: each actor asks for "
+                f"{num_cpus} CPU and the cluster has {free:g} of {total:g} CPUs free; ask for less (num_cpus) "
+                "or add nodes"
+            )
+        sizes = [self._call(s, lambda a: a.size.remote(), ref) for s, ref in enumerate(refs)]
         for s, (spec, size) in enumerate(zip(self.shards, sizes, strict=True)):
             if size != spec.count:
                 raise LatentRagError(f"shard {s} ({self.directory / spec.directory}) holds {size} passages, the "
