@@ -144,7 +144,7 @@ def main() -> int:
     _quiet_transformers()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results = {
-        "command": "python benchmarks/sharded.py" + (" --quick" if quick else f" --out {args.out}" if args.out else ""),
+        "command": "python benchmarks/sharded.py" + (" --quick" if quick else "") + (f" --out {args.out}" if args.out else ""),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "ray": ray.__version__,
                     "load_average": [round(x, 2) for x in os.getloadavg()]},
     }
@@ -154,12 +154,13 @@ def main() -> int:
         passages = []
         for p in split_passages(read_corpus("wiki-leads"), words=100):
             passages.append(p)
-            if len(passages) == (128 if quick else 2048):
+            if len(passages) == (64 if quick else 2048):
                 break
         workers = [2] if quick else [1, 2]
-        results["encoding"] = bench_encoding(passages, encoder, root, 32 if quick else 128, 32, workers)
-        results["search"] = bench_search(50_000 if quick else 200_000, 384, root, [1, 64] if quick else [1, 16, 256],
-                                         5 if quick else 20)
+        results["encoding"] = bench_encoding(passages, encoder, root, 16 if quick else 128, 16 if quick else 32,
+                                             workers)
+        results["search"] = bench_search(50_000 if quick else 200_000, 384, root, [1, 256] if quick else [1, 16, 256],
+                                         5 if quick else 15)
     ray.shutdown()
     if args.out:
         out = Path(args.out)
