@@ -125,3 +125,18 @@ def test_a_shard_that_cannot_come_back_is_named(ray_cluster, corpus, tmp_path):
 def test_an_actor_that_cannot_be_placed_is_an_error_not_a_hang(ray_cluster, corpus):
     with pytest.raises(LatentRagError, match=r"did not start within 2 s: each actor asks for 8 CPU"):
         ShardedIndex(corpus[0] / "sharded", num_cpus=8, start_timeout=2)
+
+
+def test_pickles_for_other_processes_of_the_cluster(sharded, corpus):
+    """Training workers and servers receive the searcher by pickling (actor handles travel, not shards)."""
+    import pickle
+
+    _, flat, _, _, queries = corpus
+    copy = pickle.loads(pickle.dumps(sharded))
+    np.testing.assert_array_equal(copy.search(queries, 4)[1], flat.search(queries, 4)[1])
+
+    @ray.remote(num_cpus=0.25)
+    def remote_search(index, q):
+        return index.search(q, 4)[1]
+
+    np.testing.assert_array_equal(ray.get(remote_search.remote(sharded, queries)), flat.search(queries, 4)[1])
