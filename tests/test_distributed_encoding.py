@@ -139,8 +139,10 @@ def test_cli_build_info_and_ask_with_ray(ray_cluster, tmp_path, monkeypatch, cap
     from latentrag.retrieval.corpus import read_corpus, split_passages
 
     single = build_index(split_passages(read_corpus(corpus)), document, tmp_path / "single", progress=False)
+    from latentrag.loading import open_index
+
     with pytest.raises(LatentRagError, match="is a sharded index: add --ray"):
-        cli.open_index(cli.build_parser().parse_args(["ask", "q", "--index", str(out)]))
+        open_index(out)
 
     def tiny_model(config=None, index=None):
         retriever = Retriever(tiny_dense_encoder("dpr-question", seed=1), document.identity())

@@ -25,11 +25,12 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER, default_index_dir
 from latentrag.atomic import atomic_write_text
 from latentrag.distributed.cluster import connect
 from latentrag.distributed.sharded import assemble_shards, finish_sharded, shard_bounds
 from latentrag.errors import LatentRagError
-from latentrag.retrieval.corpus import Passage, PassageStore
+from latentrag.retrieval.corpus import PASSAGE_WORDS, Passage, PassageStore
 from latentrag.retrieval.encoders import DenseEncoder
 from latentrag.retrieval.index.build import (
     CHUNK_SIZE,
@@ -233,3 +234,39 @@ def build_sharded_index(
     finish_sharded(work, directory, state["build_id"])
     return EncodeReport(directory, count, shards, len(missing), len(bounds) - len(missing), encode_seconds,
                         time.perf_counter() - started, first_saved - encode_started)
+
+
+def build_corpus_sharded_index(
+    corpus: str | Path = DEFAULT_CORPUS,
+    out: str | Path | None = None,
+    shards: int = 1,
+    index_type: str = "flat",
+    passage_words: int = PASSAGE_WORDS,
+    encoder: str = DEFAULT_ENCODER,
+    batch_size: int = 64,
+    progress: bool = True,
+    **ray_options,
+) -> EncodeReport:
+    """Read a corpus, split it into passages and build a sharded index on Ray (`index build --ray`).
+
+    out: the index folder; by default the cache folder `index build` would use, suffixed `-sharded`.
+    `ray_options` go to `build_sharded_index` (address, workers, num_cpus, threads, resume, chunk_size,
+    exact_vectors). The target is checked before the encoder is loaded or anything is encoded.
+    """
+    from latentrag.retrieval.corpus import read_corpus, split_passages
+    from latentrag.retrieval.encoders import freeze
+    from latentrag.retrieval.index.build import _encoder_source, check_index_target
+    from latentrag.retrieval.index_plan import index_type as check_type
+
+    if passage_words < 1:
+        raise LatentRagError(f"passage_words must be at least 1, got {passage_words}")
+    if shards < 1:
+        raise LatentRagError(f"--shards must be at least 1, got {shards}")
+    check_type(index_type)
+    default = default_index_dir(corpus, index_type, encoder)
+    directory = check_index_target(default.with_name(default.name + "-sharded") if out is None else out)
+    source = str(corpus) if str(corpus) == DEFAULT_CORPUS else str(Path(corpus).expanduser().resolve())
+    tower = freeze(DenseEncoder.from_pretrained(encoder))
+    passages = split_passages(read_corpus(corpus), words=passage_words)
+    return build_sharded_index(passages, tower, directory, shards, index_type, batch_size, progress, corpus=source,
+                               passage_words=passage_words, encoder_source=_encoder_source(encoder), **ray_options)

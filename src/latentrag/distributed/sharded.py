@@ -81,6 +81,18 @@ def read_sharded(directory: str | Path) -> tuple[Manifest, list[ShardSpec]]:
     return manifest, shards
 
 
+def sharded_info(directory: str | Path) -> dict:
+    """The top-level manifest of a sharded index with each shard's folder, rows and bytes on disk."""
+    directory = Path(directory).expanduser()
+    manifest, shards = read_sharded(directory)
+    rows = []
+    for spec in shards:
+        files = [f for f in (directory / spec.directory).iterdir() if f.is_file()]
+        rows.append({**asdict(spec), "bytes": sum(f.stat().st_size for f in files)})
+    return {"directory": str(directory), **asdict(manifest), "shards": rows,
+            "total_bytes": sum(r["bytes"] for r in rows)}
+
+
 def shard_bounds(count: int, shards: int) -> list[tuple[int, int]]:
     """`shards` contiguous row ranges of near-equal size covering 0..count-1."""
     if not 1 <= shards <= count:
@@ -145,14 +157,13 @@ def build_sharded_from_vectors(
     the folder is replaced in one rename once every shard and the manifest are complete."""
     from latentrag import __version__
     from latentrag.retrieval.corpus import write_passage_store
-    from latentrag.retrieval.index.build import _check_target
+    from latentrag.retrieval.index.build import check_index_target
     from latentrag.retrieval.index_plan import default_params, factory_string
 
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise LatentRagError(f"vectors must be (N, d), got shape {vectors.shape}")
-    directory = Path(directory).expanduser()
-    _check_target(directory)
+    directory = check_index_target(directory)
     work = directory.parent / f".{directory.name}.shard-build"
     shutil.rmtree(work, ignore_errors=True)
     (work / "out").mkdir(parents=True)
