@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/retrieval.py --quick
 	$(BIN)/python benchmarks/decoding.py --quick
+	$(BIN)/python benchmarks/sharded.py --quick
 
 clean-venv:
 	rm -rf $(VENV)
