@@ -130,6 +130,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
     parser.add_argument("--out", default=None, help="write JSON + Markdown results with this stem")
+    parser.add_argument("--encode-workers", type=int, nargs="+", default=None,
+                        help="Ray encoder worker counts to measure (default: 2 with --quick, else 1 2)")
     args = parser.parse_args()
     quick = args.quick
 
@@ -144,7 +146,7 @@ def main() -> int:
     _quiet_transformers()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results = {
-        "command": "python benchmarks/sharded.py" + (" --quick" if quick else "") + (f" --out {args.out}" if args.out else ""),
+        "command": " ".join(["python benchmarks/sharded.py"] + sys.argv[1:]),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "ray": ray.__version__,
                     "load_average": [round(x, 2) for x in os.getloadavg()]},
     }
@@ -156,7 +158,7 @@ def main() -> int:
             passages.append(p)
             if len(passages) == (64 if quick else 2048):
                 break
-        workers = [2] if quick else [1, 2]
+        workers = args.encode_workers or ([2] if quick else [1, 2])
         results["encoding"] = bench_encoding(passages, encoder, root, 16 if quick else 128, 16 if quick else 32,
                                              workers)
         results["search"] = bench_search(50_000 if quick else 200_000, 384, root, [1, 256] if quick else [1, 16, 256],
