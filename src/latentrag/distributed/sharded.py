@@ -20,6 +20,7 @@ still reaches the user names the shard and its folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -295,6 +296,8 @@ class ShardedIndex:
                 error = e
             ref = None
             if attempt == 0:  # Ray's restarts are used up: a fresh actor from the shard folder, and ask again
+                with contextlib.suppress(Exception):  # the old one, should it still be restarting
+                    ray.kill(self._actors[s], no_restart=True)
                 self._actors[s] = self._spawn(s)
         raise LatentRagError(
             f"{where} failed and a restarted actor failed again ({_last_line(error)}); check that the shard "
