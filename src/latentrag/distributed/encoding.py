@@ -59,6 +59,7 @@ class EncodeReport:
     encode_seconds: float
     total_seconds: float
     first_block_seconds: float = 0.0  # encoding start to the first saved block: mostly actor start-up
+    actor_seconds: float = 0.0  # time the actors spent inside `encode_passages`, summed over actors
 
 
 class BlockEncoder:
@@ -73,8 +74,10 @@ class BlockEncoder:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         vectors = encode_passages(self.encoder, batch["title"].tolist(), batch["text"].tolist(), self.batch_size)
-        return {"row": batch["row"], "vector": vectors}
+        seconds = np.full(len(vectors), (time.perf_counter() - started) / max(1, len(vectors)))
+        return {"row": batch["row"], "vector": vectors, "seconds": seconds}
 
 
 def _encode_missing(
@@ -89,9 +92,9 @@ def _encode_missing(
     num_cpus: float,
     threads: int,
     progress: bool,
-) -> float:
+) -> tuple[float, float]:
     """Encode the blocks `missing` on a pool of actors, saving each block's vectors as soon as it is whole.
-    Returns when (perf_counter) the first block was saved."""
+    Returns when (perf_counter) the first block was saved and the actors' summed encoding seconds."""
     import ray
     import ray.data
 
@@ -112,11 +115,12 @@ def _encode_missing(
         num_cpus=num_cpus,
     )
     pending: dict[int, tuple[np.ndarray, int]] = {}
-    first_saved = 0.0
+    first_saved = actor_seconds = 0.0
     total = sum(bounds[c][1] - bounds[c][0] for c in missing)
     with tqdm(total=total, desc="encoding (ray)", unit="passage", disable=not progress) as bar:
         for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             rows, vectors = out["row"], np.asarray(out["vector"], dtype=np.float32)
+            actor_seconds += float(out["seconds"].sum())
             for c in np.unique(rows // chunk).tolist():
                 a, b = bounds[c]
                 mine = (rows >= a) & (rows < b)
@@ -133,7 +137,7 @@ def _encode_missing(
     del encoder_ref
     if pending:  # pragma: no cover - ray.data returned fewer rows than it was given
         raise LatentRagError(f"the Ray pipeline lost rows of blocks {sorted(pending)}; run again with resume=True")
-    return first_saved
+    return first_saved, actor_seconds
 
 
 def _rows(chunks: list[np.ndarray], chunk: int, a: int, b: int) -> np.ndarray:
@@ -216,9 +220,10 @@ def build_sharded_index(
     bounds = [(s, min(count, s + chunk_size)) for s in range(0, count, chunk_size)]
     missing = [c for c, (a, b) in enumerate(bounds) if not _chunk_ok(_chunk_path(work, c), b - a, encoder.dim)]
     encode_started = first_saved = time.perf_counter()
+    actor_seconds = 0.0
     if missing:
         connect(address)
-        first_saved = _encode_missing(store, encoder, work, bounds, missing, batch_size=batch_size, workers=workers,
+        first_saved, actor_seconds = _encode_missing(store, encoder, work, bounds, missing, batch_size=batch_size, workers=workers,
                         num_cpus=num_cpus, threads=threads, progress=progress)
     encode_seconds = time.perf_counter() - encode_started
     params = default_params(index_type, count, encoder.dim)
@@ -233,7 +238,7 @@ def build_sharded_index(
     assemble_shards(out, store, lambda a, b: _rows(chunks, chunk_size, a, b), manifest, shards, exact)
     finish_sharded(work, directory, state["build_id"])
     return EncodeReport(directory, count, shards, len(missing), len(bounds) - len(missing), encode_seconds,
-                        time.perf_counter() - started, first_saved - encode_started)
+                        time.perf_counter() - started, first_saved - encode_started, actor_seconds)
 
 
 def build_corpus_sharded_index(
