@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER
+from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS, PASSAGE_WORDS
 from latentrag.errors import LatentRagError, LatentRagWarning
 
 SAMPLE_QUESTIONS = [
@@ -156,7 +158,7 @@ def cmd_eval(args) -> int:
             closed_book=args.closed_book, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             answerable_only=args.answerable_only, limit=args.limit,
         )
-        for k in args.k or [5]
+        for k in args.k or [DEFAULT_K]
     ]  # settings are checked before the model loads, and so is the data:
     load_dataset(args.dataset)
     model = load_model(args)
@@ -173,7 +175,7 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     model = load_model(args)
-    for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=5):
+    for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=DEFAULT_K):
         print(f"Q: {answer.question}\nA: {answer.text}")
         for p, prob in zip(answer.passages[:3], answer.doc_probs[:3], strict=True):
             print(f"   p(z|x)={prob:.3f}  {p.title}")
@@ -190,17 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build and inspect dense indexes").add_subparsers(dest="index_command",
                                                                                             required=True)
     build = index.add_parser("build", help="encode a corpus into an index folder")
-    from latentrag.retrieval.corpus import PASSAGE_WORDS
     from latentrag.retrieval.index import CHUNK_SIZE
     from latentrag.retrieval.index_plan import INDEX_TYPES
 
     corpus_help = "'wiki-leads', a .jsonl/.tsv/.csv file, or a folder of .txt/.md files"
-    build.add_argument("--corpus", default="wiki-leads", help=corpus_help)
+    build.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help)
     build.add_argument("--out", default=None,
                        help="index folder (default: the cache, CACHE/indexes/CORPUS-ENCODER-TYPE)")
     build.add_argument("--index-type", default="flat", choices=list(INDEX_TYPES))
     build.add_argument("--passage-words", type=int, default=PASSAGE_WORDS)
-    build.add_argument("--encoder", default="minilm", help="document tower (default: bundled MiniLM)")
+    build.add_argument("--encoder", default=DEFAULT_ENCODER, help="document tower (default: bundled MiniLM)")
     build.add_argument("--batch-size", type=int, default=64)
     build.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="passages encoded per saved chunk")
     build.add_argument("--resume", action="store_true", help="continue an interrupted build from its last chunk")
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"], default=None,
                      help="token: greedy (default) | beam; sequence: thorough (default) | fast")
     ask.add_argument("--beams", type=int, default=None, help="beam size (default: 1 for greedy, else 4)")
-    ask.add_argument("--k", type=int, default=5, help="passages retrieved and marginalised over")
+    ask.add_argument("--k", type=int, default=DEFAULT_K, help="passages retrieved and marginalised over")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: model's)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beams", type=int, default=None, help="beams (default: 1 for greedy, else the model's)")
     ev.add_argument("--k", type=int, nargs="+", default=None, help="passages per question; several = a sweep")
     ev.add_argument("--closed-book", action="store_true", help="the generator alone, no retrieval")
-    ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

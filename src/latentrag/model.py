@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from latentrag.assets import DEFAULT_ENCODER, DEFAULT_GENERATOR
+from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.generation.generators import Generator, load_generator
 from latentrag.rag_types import rag_type
@@ -30,13 +32,13 @@ CONFIG_FILE = "rag_config.json"
 class RagConfig:
     """Plain values with defaults: what to build a RagModel from and how to run it."""
 
-    query_encoder: str = "minilm"
-    document_encoder: str = "minilm"  # the frozen tower that builds indexes this model can use
-    generator: str = "smollm2"
+    query_encoder: str = DEFAULT_ENCODER
+    document_encoder: str = DEFAULT_ENCODER  # the frozen tower that builds indexes this model can use
+    generator: str = DEFAULT_GENERATOR
     mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence)
-    k: int = 5
+    k: int = DEFAULT_K
     label_smoothing: float = 0.0
-    max_new_tokens: int = 32
+    max_new_tokens: int = MAX_NEW_TOKENS
     max_input_length: int = 512
     document_encoder_identity: dict = field(default_factory=dict)
 

@@ -29,13 +29,13 @@ import torch
 
 from latentrag.assets import cache_dir
 from latentrag.atomic import atomic_write_text
+from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.evaluation import metrics as M
 from latentrag.evaluation.datasets import DATASETS, QAExample, load_dataset
 
 PREDICTIONS, METRICS, RUN, REPORT = "predictions.jsonl", "metrics.json", "run.json", "report.md"
 RECALL_KS = (1, 5, 10, 20)
-CLOSED_BOOK_INSTRUCTION = "Answer the question with a short phrase."
 
 
 @dataclass
@@ -46,9 +46,9 @@ class EvalSettings:
     mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence); ignored when closed_book
     decoding: str | None = None  # None: the mode's default (RAG-Token greedy, RAG-Sequence thorough)
     num_beams: int | None = None  # None: the decoding's default (1 for greedy, else the model's)
-    k: int = 5
+    k: int = DEFAULT_K
     closed_book: bool = False
-    max_new_tokens: int = 24
+    max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 4
     answerable_only: bool = False
     limit: int | None = None
@@ -232,39 +232,14 @@ def _has_labels(dataset: str) -> bool:
 
 # ---- closed-book baseline ---------------------------------------------------------------------------
 def closed_book_batch(generator, questions: list[str]):
-    """Generator inputs with no passage (k=1): the question alone for seq2seq; for a decoder-only LM the
-    RAG prompt without its Title/Passage lines (same chat template, instruction without the passage)."""
-    from latentrag.generation.generators import GeneratorBatch
-
-    if generator.kind == "seq2seq":
-        prefix = getattr(generator.model.config, "prefix", None) or ""
-        texts, side = [prefix + q for q in questions], None
-    else:
-        tok = generator.tokenizer
-        body = f"{CLOSED_BOOK_INSTRUCTION}\n\nQuestion: {{q}}"
-        if getattr(tok, "chat_template", None):
-            texts = [
-                tok.apply_chat_template([{"role": "user", "content": body.format(q=q)}], tokenize=False,
-                                        add_generation_prompt=True)
-                for q in questions
-            ]
-        else:
-            texts = [body.format(q=q) + "\nAnswer:" for q in questions]
-        side = "left"
-    tok = generator.tokenizer
-    old = tok.padding_side, tok.truncation_side
-    if side:
-        tok.padding_side = tok.truncation_side = side
-    try:
-        enc = tok(texts, padding=True, truncation=True, max_length=generator.max_input_length,
-                  add_special_tokens=generator.kind == "seq2seq", return_tensors="pt")
-    finally:
-        tok.padding_side, tok.truncation_side = old
-    return GeneratorBatch(enc["input_ids"].to(generator.device), enc["attention_mask"].to(generator.device), 1)
+    """Generator inputs with no passage (k=1), formatted by the generator itself
+    (`Generator.prepare_closed_book`: the bare question for seq2seq; for a decoder-only LM the RAG prompt
+    without its Title/Passage lines)."""
+    return generator.prepare_closed_book(questions)
 
 
 @torch.inference_mode()
-def closed_book_generate(generator, questions: list[str], max_new_tokens: int = 24) -> list[str]:
+def closed_book_generate(generator, questions: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """The paper's parametric-only baseline: greedy decoding with the generator alone, no retrieval.
 
     With one "document" of prior 1, RAG-Token's marginal is the generator's own distribution, so the
