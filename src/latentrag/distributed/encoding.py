@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 
 from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER, default_index_dir
 from latentrag.atomic import atomic_write_text
+from latentrag.defaults import PASSAGE_WORDS
 from latentrag.distributed.cluster import connect
 from latentrag.distributed.sharded import assemble_shards, finish_sharded, shard_bounds
 from latentrag.errors import LatentRagError
-from latentrag.retrieval.corpus import PASSAGE_WORDS, Passage, PassageStore
+from latentrag.retrieval.corpus import Passage, PassageStore
 from latentrag.retrieval.encoders import DenseEncoder
 from latentrag.retrieval.index.build import (
     CHUNK_SIZE,
