@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/retrieval.py --quick
 	$(BIN)/python benchmarks/decoding.py --quick
 	$(BIN)/python benchmarks/load.py --quick
+	$(BIN)/python benchmarks/sharded.py --quick
 
 clean-venv:
 	rm -rf $(VENV)

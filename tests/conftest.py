@@ -15,3 +15,13 @@ def _threads_for_test_size(request):
     else:
         with one_thread():
             yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (starting one costs seconds): two CPUs, as in CI; actors
+    request fractions of a CPU so that ray.data's tasks still get one."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

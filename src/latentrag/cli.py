@@ -35,16 +35,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def load_model(args) -> object:
-    """The model `ask`, `eval` and `demo` use: `loading.load_model` with --model and --index."""
+    """The model `ask`, `eval` and `demo` use: `loading.load_model` with --model, --index, --ray, --address."""
     from latentrag.loading import load_model as load
 
-    return load(getattr(args, "model", None), getattr(args, "index", None))
+    return load(getattr(args, "model", None), getattr(args, "index", None), ray=getattr(args, "ray", False),
+                address=getattr(args, "address", None))
 
 
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_index_build(args) -> int:
     from latentrag.retrieval.index import build_corpus_index
 
+    if args.ray:
+        from latentrag.distributed.encoding import build_corpus_sharded_index
+
+        report = build_corpus_sharded_index(
+            args.corpus, args.out, args.shards, index_type=args.index_type, passage_words=args.passage_words,
+            encoder=args.encoder, batch_size=args.batch_size, progress=not args.quiet, resume=args.resume,
+            chunk_size=args.chunk_size, exact_vectors=args.exact_vectors, address=args.address,
+            workers=args.workers, num_cpus=args.cpus_per_worker, threads=args.threads or 1,
+        )
+        print(f"built {report.shards} {args.index_type} shards of {report.passages} passages in {report.directory} "
+              f"({report.encoded_blocks} blocks encoded, {report.reused_blocks} reused)", file=sys.stderr)
+        return 0
     index = build_corpus_index(
         args.corpus, args.out, index_type=args.index_type, passage_words=args.passage_words, encoder=args.encoder,
         batch_size=args.batch_size, progress=not args.quiet, resume=args.resume, chunk_size=args.chunk_size,
@@ -66,8 +79,12 @@ def cmd_index_add(args) -> int:
 
 
 def cmd_index_info(args) -> int:
+    from latentrag.distributed.sharded import is_sharded, sharded_info
     from latentrag.retrieval.index import index_info
 
+    if is_sharded(args.directory):  # the top-level manifest and each shard's rows, as JSON
+        print(json.dumps(sharded_info(args.directory), indent=2))
+        return 0
     info = index_info(args.directory)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -132,6 +149,9 @@ def cmd_eval(args) -> int:
         return 0
     if not args.dataset:
         raise LatentRagError("give --dataset NAME|PATH.jsonl to evaluate, or --predictions FILE to re-score")
+    if args.ray and args.answerable_only:
+        raise LatentRagError("--answerable-only scans every passage in this process: filter without --ray, "
+                             "or evaluate on all questions with --ray")
     runs = [
         EvalSettings(
             dataset=args.dataset, mode=args.mode, decoding=args.decoding, num_beams=args.beams, k=k,
@@ -214,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--exact-vectors", action=argparse.BooleanOptionalAction, default=None,
                        help="keep exact float32 vectors (default: only for sq8/pq types)")
     build.add_argument("--quiet", action="store_true")
+    build.add_argument("--ray", action="store_true",
+                       help="encode on a Ray cluster (ray.data, encoder actors) into --shards index shards")
+    build.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
+    build.add_argument("--shards", type=int, default=1, help="with --ray: number of index shards")
+    build.add_argument("--workers", type=int, default=2, help="with --ray: encoder actors")
+    build.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --ray: CPUs each actor requests")
     build.set_defaults(func=cmd_index_build)
 
     add = index.add_parser("add", help="append passages from a corpus to an index")
@@ -252,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer length limit (default: the model's, 32 for the bundled models)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ask.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
+    ask.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
     ask.add_argument("--json", action="store_true")
     ask.set_defaults(func=cmd_ask)
 
@@ -295,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ev.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ev.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
+    ev.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
     ev.set_defaults(func=cmd_eval)
 
     tr = sub.add_parser("train", help="fine-tune the query tower and the generator end to end (paper §2.4)")

@@ -6,13 +6,32 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_model(model: str | Path | None = None, index: str | Path | None = None, progress: bool = True):
-    """A RagModel from a `save_pretrained` folder (else the bundled MiniLM towers and SmolLM2), searching
-    `index` (else `retrieval.index.default_index()`, built with a progress bar the first time)."""
-    from latentrag.model import RagConfig, RagModel
-    from latentrag.retrieval.index import default_index
+def open_index(index: str | Path | None = None, progress: bool = True, ray: bool = False,
+               address: str | None = None):
+    """The searcher over `index` (else the bundled default): a `DenseIndex` in this process, or with `ray` a
+    `distributed.sharded.ShardedIndex`, one Ray actor per shard on the cluster at `address` (None: local)."""
+    from latentrag.distributed.sharded import is_sharded
+    from latentrag.errors import LatentRagError
+    from latentrag.retrieval.index import DenseIndex, default_index
 
     index_dir = Path(index).expanduser() if index else default_index(progress=progress)
-    if model:
-        return RagModel.from_pretrained(model, index=index_dir)
-    return RagModel.from_components(index=index_dir, config=RagConfig())
+    if ray:
+        from latentrag.distributed.sharded import ShardedIndex
+
+        return ShardedIndex(index_dir, address=address)
+    if is_sharded(index_dir):
+        raise LatentRagError(f"{index_dir} is a sharded index: add --ray (and --address for a running cluster)")
+    return DenseIndex.load(index_dir)
+
+
+def load_model(model: str | Path | None = None, index: str | Path | None = None, progress: bool = True,
+               ray: bool = False, address: str | None = None):
+    """A RagModel from a `save_pretrained` folder (else the bundled MiniLM towers and SmolLM2), searching
+    `index` (else `retrieval.index.default_index()`, built with a progress bar the first time); with `ray`
+    the index is a sharded one searched by Ray actors (see `open_index`)."""
+    from latentrag.model import RagConfig, RagModel
+
+    searcher = open_index(index, progress=progress, ray=ray, address=address)
+    loaded = RagModel.from_pretrained(model) if model else RagModel.from_components(config=RagConfig())
+    loaded.retriever.swap_index(searcher)  # any searcher: checked against the query tower's document encoder
+    return loaded
