@@ -85,6 +85,34 @@ def cmd_index_add(args) -> int:
     return 0
 
 
+def cmd_index_import(args) -> int:
+    """Published vectors (DPR shards + psgs_w100.tsv, or a Hugging Face datasets folder) -> an index."""
+    from latentrag.retrieval.index.importers import (
+        IMPORT_CHUNK_SIZE,
+        document_encoder_identity,
+        import_dpr_embeddings,
+        import_hf_dataset,
+    )
+
+    if bool(args.dpr_embeddings) == bool(args.hf_dataset):
+        raise LatentRagError("give either --dpr-embeddings GLOB with --passages TSV, or --hf-dataset DIR")
+    if args.dpr_embeddings and not args.passages:
+        raise LatentRagError("--dpr-embeddings needs --passages psgs_w100.tsv (the passages the vectors encode)")
+    identity = document_encoder_identity(args.encoder_name, load=not args.no_load_encoder)
+    options = dict(index_type=args.index_type, exact_vectors=args.exact_vectors, resume=args.resume,
+                   chunk_size=args.chunk_size or IMPORT_CHUNK_SIZE, progress=not args.quiet,
+                   encoder_source=str(Path(args.encoder_name).resolve()) if Path(args.encoder_name).exists()
+                   else args.encoder_name)
+    if args.dpr_embeddings:
+        index = import_dpr_embeddings(args.dpr_embeddings, args.passages, args.out, identity, **options)
+    else:
+        index = import_hf_dataset(args.hf_dataset, args.out, identity, **options)
+    note = "" if identity.get("verified", True) else " (encoder recorded by name only: its weights were not loaded)"
+    print(f"imported {index.manifest.index_type} index of {len(index)} passages (dim {index.dim}) into {args.out}"
+          f"{note}", file=sys.stderr)
+    return 0
+
+
 def cmd_index_info(args) -> int:
     from latentrag.retrieval.index import index_info
 
@@ -217,6 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--batch-size", type=int, default=64)
     add.add_argument("--quiet", action="store_true")
     add.set_defaults(func=cmd_index_add)
+
+    imp = index.add_parser("import", help="an index from published vectors (DPR shards or a HF dataset), no encoding")
+    imp.add_argument("--dpr-embeddings", default=None, help="glob of DPR's wikipedia_passages_*.pkl shards")
+    imp.add_argument("--passages", default=None, help="DPR's psgs_w100.tsv (id, text, title) for --dpr-embeddings")
+    imp.add_argument("--hf-dataset", default=None,
+                     help="a datasets save_to_disk folder or .arrow file with title, text, embeddings")
+    imp.add_argument("--out", required=True, help="index folder")
+    imp.add_argument("--encoder-name", required=True,
+                     help="the document tower the vectors came from, e.g. facebook/dpr-ctx_encoder-single-nq-base")
+    imp.add_argument("--no-load-encoder", action="store_true",
+                     help="record the encoder by name only (do not load its weights to fingerprint them)")
+    imp.add_argument("--index-type", default="flat", choices=list(INDEX_TYPES))
+    imp.add_argument("--chunk-size", type=int, default=None, help="vectors per saved chunk (default 65536)")
+    imp.add_argument("--resume", action="store_true", help="continue an interrupted import")
+    imp.add_argument("--exact-vectors", action=argparse.BooleanOptionalAction, default=None,
+                     help="keep exact float32 vectors (default: only for sq8/pq types)")
+    imp.add_argument("--quiet", action="store_true")
+    imp.set_defaults(func=cmd_index_import)
 
     info = index.add_parser("info", help="print an index's manifest and counts")
     info.add_argument("directory")
