@@ -45,7 +45,8 @@ def load_model(args) -> object:
 
     index = Path(args.index) if getattr(args, "index", None) else ensure_default_index()
     if getattr(args, "model", None):
-        return RagModel.from_pretrained(args.model, index=index)
+        extra = {"document_encoder": args.document_encoder} if getattr(args, "document_encoder", None) else {}
+        return RagModel.from_pretrained(args.model, index=index, **extra)
     return RagModel.from_components(index=index, config=RagConfig())
 
 
@@ -177,7 +178,8 @@ def cmd_eval(args) -> int:
     if not args.dataset:
         raise LatentRagError("give --dataset NAME|PATH.jsonl to evaluate, or --predictions FILE to re-score")
     model = load_model(args)
-    ks = args.k or [5]
+    args.mode = args.mode or model.config.mode
+    ks = args.k or [model.config.k]
     base = Path(args.out) if args.out else Path("eval-runs") / (
         f"{Path(args.dataset).stem}-{'closed-book' if args.closed_book else args.mode}")
     results = []
@@ -279,14 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question and show the passages it came from")
     ask.add_argument("question")
-    ask.add_argument("--mode", choices=["token", "sequence"], default="token")
+    ask.add_argument("--mode", choices=["token", "sequence"], default=None, help="default: the model's (token)")
     ask.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"], default=None,
                      help="token: greedy (default) | beam; sequence: thorough (default) | fast")
     ask.add_argument("--beams", type=int, default=None, help="beam size (default: 1 for greedy, else 4)")
-    ask.add_argument("--k", type=int, default=5, help="passages retrieved and marginalised over")
+    ask.add_argument("--k", type=int, default=None, help="passages retrieved and marginalised over (default: the model's)")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: model's)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
-    ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ask.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name (default: bundled models)")
+    ask.add_argument("--document-encoder", default=None,
+                       help="HF RAG checkpoints: the tower the index's vectors came from "
+                            "(default facebook/dpr-ctx_encoder-single-nq-base)")
     ask.add_argument("--json", action="store_true")
     ask.set_defaults(func=cmd_ask)
 
@@ -303,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answerable-only", action="store_true",
                     help="keep questions with a gold answer in some passage of the index")
     ev.add_argument("--limit", type=int, default=None, help="first N questions (after the answerable filter)")
-    ev.add_argument("--mode", choices=["token", "sequence"], default="token")
+    ev.add_argument("--mode", choices=["token", "sequence"], default=None, help="default: the model's (token)")
     ev.add_argument("--decoding", default=None,
                     help="greedy|beam (token, default greedy), thorough|fast (sequence, default thorough)")
     ev.add_argument("--beams", type=int, default=None, help="beams (default: 1 for greedy, else the model's)")
@@ -314,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
-    ev.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ev.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name (default: bundled models)")
+    ev.add_argument("--document-encoder", default=None,
+                       help="HF RAG checkpoints: the tower the index's vectors came from "
+                            "(default facebook/dpr-ctx_encoder-single-nq-base)")
     ev.set_defaults(func=cmd_eval)
     return parser
 

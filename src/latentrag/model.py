@@ -101,11 +101,20 @@ class RagModel(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, index: str | Path | DenseIndex | None = None) -> RagModel:
+    def from_pretrained(cls, directory: str | Path, index: str | Path | DenseIndex | None = None,
+                        **hf_options) -> RagModel:
+        """A saved latentrag model, or a Hugging Face RAG checkpoint (folder or hub name; see `latentrag.hf_rag`,
+        whose `document_encoder=` option names the tower that made the index's vectors)."""
+        from latentrag import hf_rag
+
+        path = Path(directory) / CONFIG_FILE
+        if not path.exists() and hf_rag.hf_rag_config(directory) is not None:
+            return hf_rag.load_hf_rag(directory, index=index, **hf_options)
         directory = Path(directory)
-        path = directory / CONFIG_FILE
         if not path.exists():
-            raise LatentRagError(f"{directory} is not a saved latentrag model (no {CONFIG_FILE})")
+            raise LatentRagError(
+                f"{directory} is not a saved latentrag model (no {CONFIG_FILE}), nor a Hugging Face RAG checkpoint"
+            )
         config = RagConfig(**json.loads(path.read_text()))
         config.query_encoder = str(directory / "query_encoder")
         config.generator = str(directory / "generator")

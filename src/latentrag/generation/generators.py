@@ -13,7 +13,9 @@ positions, V vocabulary.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,9 @@ from latentrag.assets import resolve_generator
 from latentrag.errors import LatentRagError
 from latentrag.generation import shared_context
 from latentrag.retrieval.corpus import Passage
+
+INPUT_FORMAT_FILE = "latentrag_input_format.json"  # a seq2seq generator's separators/prefix, when not the defaults
+QUESTION_TOKENIZER_DIR = "question_tokenizer"
 
 
 @dataclass
@@ -51,7 +56,8 @@ class DecodeState:
 
 
 def _clean_title(title: str) -> str:
-    return title[1:-1] if len(title) > 1 and title.startswith('"') and title.endswith('"') else title
+    """Strip a leading and a trailing double quote (psgs_w100 quotes some titles), as HF's RagRetriever does."""
+    return title.removeprefix('"').removesuffix('"')
 
 
 class Generator(nn.Module):
@@ -169,17 +175,43 @@ class Seq2SeqGenerator(Generator):
 
     kind = "seq2seq"
     title_sep, doc_sep = " / ", " // "
+    prefix: str | None = None  # None: the model config's `prefix`, as HF's RAG
+    # Set (e.g. for Hugging Face RAG checkpoints): questions reach the generator as this tokenizer's
+    # decode(encode(question)) -- HF's RagRetriever feeds the generator the question encoder's decoded tokens
+    # (lower-cased by DPR's uncased BERT), so checkpoints trained there expect that text.
+    question_tokenizer = None
 
     def _share_contexts(self) -> bool:
         return shared_context.enable_cross(self.model)
 
+    def configure_input(self, title_sep: str = " / ", doc_sep: str = " // ", prefix: str | None = None,
+                        question_tokenizer=None) -> None:
+        """The encoder input "prefix + title + title_sep + text + doc_sep + question" for this model."""
+        self.title_sep, self.doc_sep, self.prefix, self.question_tokenizer = title_sep, doc_sep, prefix, question_tokenizer
+
     def format_input(self, question: str, passage: Passage) -> str:
-        prefix = getattr(self.model.config, "prefix", None) or ""
+        prefix = self.prefix if self.prefix is not None else getattr(self.model.config, "prefix", None) or ""
         text = prefix + _clean_title(passage.title) + self.title_sep + passage.text + self.doc_sep + question
         return text.replace("  ", " ")
 
+    def generator_question(self, question: str) -> str:
+        if self.question_tokenizer is None:
+            return question
+        ids = self.question_tokenizer(question, truncation=True)["input_ids"]
+        return self.question_tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save_pretrained(self, directory) -> None:
+        super().save_pretrained(directory)
+        if (self.title_sep, self.doc_sep, self.prefix, self.question_tokenizer) != (" / ", " // ", None, None):
+            settings = {"title_sep": self.title_sep, "doc_sep": self.doc_sep, "prefix": self.prefix,
+                        "question_tokenizer": self.question_tokenizer is not None}
+            if self.question_tokenizer is not None:
+                self.question_tokenizer.save_pretrained(Path(directory) / QUESTION_TOKENIZER_DIR)
+            (Path(directory) / INPUT_FORMAT_FILE).write_text(json.dumps(settings, indent=2))
+
     def prepare(self, questions, passages, answers=None) -> GeneratorBatch:
         k = len(passages[0])
+        questions = [self.generator_question(q) for q in questions]
         texts = [self.format_input(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_input_length, return_tensors="pt"
@@ -386,6 +418,18 @@ class DecoderOnlyGenerator(Generator):
         return DecodeState(_select_cache(state.cache, rows), state.attention_mask.index_select(0, rows), extra)
 
 
+def _load_input_format(generator: Seq2SeqGenerator, directory: Path) -> None:
+    path = directory / INPUT_FORMAT_FILE
+    if not path.exists():
+        return
+    from transformers import AutoTokenizer
+
+    settings = json.loads(path.read_text())
+    question_tokenizer = (AutoTokenizer.from_pretrained(directory / QUESTION_TOKENIZER_DIR)
+                          if settings.get("question_tokenizer") else None)
+    generator.configure_input(settings["title_sep"], settings["doc_sep"], settings.get("prefix"), question_tokenizer)
+
+
 def load_generator(name_or_path: str, max_input_length: int = 512) -> Generator:
     """Load a generator, choosing its kind from the config: encoder-decoder -> seq2seq, else decoder-only.
 
@@ -398,9 +442,11 @@ def load_generator(name_or_path: str, max_input_length: int = 512) -> Generator:
         config = AutoConfig.from_pretrained(resolved)
         tokenizer = AutoTokenizer.from_pretrained(resolved)
         if config.is_encoder_decoder:
-            return Seq2SeqGenerator(
+            generator = Seq2SeqGenerator(
                 AutoModelForSeq2SeqLM.from_pretrained(resolved), tokenizer, name_or_path, max_input_length
             )
+            _load_input_format(generator, Path(resolved))
+            return generator
         return DecoderOnlyGenerator(
             AutoModelForCausalLM.from_pretrained(resolved), tokenizer, name_or_path, max_input_length
         )
