@@ -197,3 +197,12 @@ def test_cli_ask_with_a_hf_checkpoint(corpus, tmp_path, capsys):
     assert answer["mode"] == "sequence" and len(answer["passages"]) == 3
     expected = load(folder, corpus).generate("What is the capital of France?", k=3, max_new_tokens=4)[0]
     assert answer["answer"] == expected.text
+
+
+def test_cli_refuses_a_device_that_is_not_there(corpus, tmp_path, capsys):
+    from latentrag.cli import main
+
+    folder = save_checkpoint(tmp_path / "ckpt", "token", 16)
+    code = main(["--threads", "1", "ask", "Who wrote Hamlet?", "--model", str(folder), "--index",
+                 str(corpus.index.directory), "--document-encoder", corpus.ctx_dir, "--device", "nodevice"])
+    assert code == 2 and "device" in capsys.readouterr().err

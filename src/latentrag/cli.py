@@ -46,8 +46,18 @@ def load_model(args) -> object:
     index = Path(args.index) if getattr(args, "index", None) else ensure_default_index()
     if getattr(args, "model", None):
         extra = {"document_encoder": args.document_encoder} if getattr(args, "document_encoder", None) else {}
-        return RagModel.from_pretrained(args.model, index=index, **extra)
-    return RagModel.from_components(index=index, config=RagConfig())
+        model = RagModel.from_pretrained(args.model, index=index, **extra)
+    else:
+        model = RagModel.from_components(index=index, config=RagConfig())
+    device = getattr(args, "device", None)
+    if device and device != "cpu":
+        import torch
+
+        try:
+            model.to(torch.device(device))
+        except (RuntimeError, AssertionError) as e:
+            raise LatentRagError(f"cannot move the model to device '{device}': {e}") from e
+    return model
 
 
 # ---- commands ---------------------------------------------------------------------------------------
@@ -289,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: model's)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ask.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name (default: bundled models)")
+    ask.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")
     ask.add_argument("--document-encoder", default=None,
                        help="HF RAG checkpoints: the tower the index's vectors came from "
                             "(default facebook/dpr-ctx_encoder-single-nq-base)")
@@ -320,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ev.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name (default: bundled models)")
+    ev.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")
     ev.add_argument("--document-encoder", default=None,
                        help="HF RAG checkpoints: the tower the index's vectors came from "
                             "(default facebook/dpr-ctx_encoder-single-nq-base)")
