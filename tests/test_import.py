@@ -279,3 +279,35 @@ def test_cli_import(dpr_files, ctx, tmp_path, capsys):
     assert main(["index", "import", "--hf-dataset", str(tmp_path), "--dpr-embeddings", pattern, "--out", str(out),
                  "--encoder-name", "x"]) == 2
     assert "either --dpr-embeddings" in capsys.readouterr().err
+
+
+def test_interrupted_hf_import_resumes_from_saved_chunks(tmp_path, vectors, reference, monkeypatch):
+    import latentrag.retrieval.index.importers as importers
+
+    folder = save_to_disk(tmp_path / "wiki_dpr", _hf_table(_passages(), vectors))
+    real = importers._save_npy
+    saved: list[str] = []
+
+    def dying(path, array):
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # killed after two chunks
+        saved.append(path.name)
+        real(path, array)
+
+    monkeypatch.setattr(importers, "_save_npy", dying)
+    with pytest.raises(KeyboardInterrupt):
+        import_hf_dataset(folder, tmp_path / "idx", {"name": "x", "sha256": "y"}, chunk_size=8)
+    assert saved == ["chunk-000000.npy", "chunk-000001.npy"]
+    saved.clear()
+    monkeypatch.setattr(importers, "_save_npy", lambda path, array: (saved.append(path.name), real(path, array)))
+    index = import_hf_dataset(folder, tmp_path / "idx", {"name": "x", "sha256": "y"}, chunk_size=8, resume=True)
+    assert saved == ["chunk-000002.npy", "chunk-000003.npy"]  # the first two were kept
+    np.testing.assert_array_equal(index.reconstruct(np.arange(30)[None]), reference.reconstruct(np.arange(30)[None]))
+
+
+def test_a_named_folder_that_does_not_load_is_an_error(tmp_path):
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(LatentRagError, match="cannot load encoder"):
+        document_encoder_identity(str(tmp_path / "broken"))
+    named = document_encoder_identity("owner/not-here", 768, load=False)
+    assert named["sha256"] == "unverified-name:owner/not-here" and named["verified"] is False

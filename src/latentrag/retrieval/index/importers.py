@@ -550,6 +550,11 @@ def document_encoder_identity(name: str, dim: int | None = None, *, load: bool =
     if load:
         from latentrag.retrieval.encoders import DenseEncoder
 
+        if Path(name).expanduser().exists():  # a folder that fails to load is an error, not a name
+            try:
+                return DenseEncoder.from_pretrained(str(Path(name).expanduser())).identity()
+            except (OSError, ValueError) as e:
+                raise LatentRagError(f"cannot load encoder '{name}': {e}") from e
         try:
             return DenseEncoder.from_pretrained(name).identity()
         except (LatentRagError, OSError, ValueError):
