@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", action="append", default=[], help="a paragraph to put first in the report")
     args = parser.parse_args(argv)
 
-    from latentrag.cli import _quiet_transformers, ensure_default_index
+    from latentrag.cli import _quiet_transformers
     from latentrag.model import RagModel
+    from latentrag.retrieval.index import default_index
     from latentrag.threads import configure_threads
 
     threads = configure_threads(args.threads)
     _quiet_transformers()
-    index = ensure_default_index()
+    index = default_index()
     model = RagModel.from_components(index=index).to(args.device).eval()
     work = Path(args.work)
     results, sweep, timings = [], [], {}

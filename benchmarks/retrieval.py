@@ -71,7 +71,7 @@ SETTLE_S = 0.25
 def wiki_vectors(encoder, encode_limit: int | None, log) -> tuple[np.ndarray, list[Passage], str]:
     """MiniLM document vectors of the wiki-leads passages: all of them from the cached default index when
     it was built by this very encoder (the `latentrag demo` index), else the first `encode_limit` encoded here."""
-    from latentrag.cli import default_index_dir
+    from latentrag.assets import default_index_dir
 
     cached = default_index_dir()
     if (cached / "manifest.json").exists():

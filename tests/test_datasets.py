@@ -62,7 +62,8 @@ def test_known_rows_parse_like_dpr(cache):
     curated = load_dataset("curated-test", limit=1)[0]
     assert curated.question == "How tall is Mount McKinley?"
     assert curated.answers[0].startswith(r"20\s?,?\s?(32|40)0")  # a regex, unescaped once
-    assert load_dataset("wq-test", limit=0) == []
+    with pytest.raises(LatentRagError, match="limit must be at least 1"):
+        load_dataset("wq-test", limit=0)
 
 
 def _write(path, lines):
@@ -95,11 +96,14 @@ def test_jsonl_answer_forms(tmp_path):
         (json.dumps({"question": "q", "answers": []}), "no answers"),
         (json.dumps({"question": "q"}), "no answers"),
         (json.dumps({"question": "q", "answers": [1]}), "no answers"),
+        (json.dumps({"question": "q", "answers": ["a", ""]}), "an empty answer"),
+        (json.dumps({"question": "q", "answer": "  "}), "an empty answer"),
+        (json.dumps({"question": "q", "answers": ["a"], "id": "bad-1"}), "duplicate question id 'bad-1' .first at line 2"),
         (json.dumps(["q", "a"]), "expected a JSON object"),
     ],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path, bad_line, message):
-    good = json.dumps({"question": "q", "answers": ["a"]})
+    good = json.dumps({"question": "q", "answers": ["a"]})  # numbered bad-0, bad-1, ... by position
     path = _write(tmp_path / "bad.jsonl", [good, good, bad_line, good])
     with pytest.raises(LatentRagError, match=message) as info:
         load_dataset(str(path))
@@ -110,6 +114,9 @@ def test_dpr_tsv_file(tmp_path):
     path = tmp_path / "qas.tsv"
     path.write_text("who?\t['Ann', \"B'o\"]\nwhen?\t['1990']\n", encoding="utf-8")
     assert [ex.answers for ex in load_dataset(path)] == [["Ann", "B'o"], ["1990"]]
+    path.write_text("who?\t['Ann', '']\n", encoding="utf-8")
+    with pytest.raises(LatentRagError, match=r"qas\.tsv:1: an empty answer"):
+        load_dataset(path)
     path.write_text("who?\t['Ann']\nwhen?\tnot a list\n", encoding="utf-8")
     with pytest.raises(LatentRagError, match=r"qas\.tsv:2: answers must be a Python list"):
         load_dataset(path)
@@ -125,5 +132,6 @@ def test_unknown_name_lists_the_known_names():
 def test_missing_file_and_bad_limit(tmp_path):
     with pytest.raises(LatentRagError, match="not found"):
         load_dataset(tmp_path / "absent.jsonl")
-    with pytest.raises(LatentRagError, match="limit"):
-        load_dataset("nq-test", limit=-1)
+    for limit in (-1, 0):  # -1 once meant "all but the last" through a slice
+        with pytest.raises(LatentRagError, match="limit must be at least 1"):
+            load_dataset("nq-test", limit=limit)

@@ -318,6 +318,62 @@ def test_generate_refuses_bad_settings(rag_model):
         rag_model.generate("Who wrote Hamlet?", temperature=0.7)
 
 
+def _question_filling(generator, spare: int) -> str:
+    """The longest question of repeated words whose prompt (no passage) leaves at most `spare` tokens."""
+    from latentrag.retrieval.corpus import Passage
+
+    empty, words = Passage("", "", ""), 1
+    while generator._token_counts([generator.input_text("why " * (words + 1), empty)])[0] < (
+            generator.max_input_length - spare):
+        words += 1
+    return "why " * words
+
+
+def test_zero_tokens_and_a_question_that_fills_the_input_are_refused(rag_model):
+    with pytest.raises(LatentRagError, match="max_new_tokens must be at least 1, got 0"):
+        rag_model.generate("Who wrote Hamlet?", max_new_tokens=0)  # once silently the default
+    too_long = "why " * (2 * rag_model.generator.max_input_length)
+    if rag_model.generator.kind == "decoder-only":  # cut from the left: no passage would remain
+        with pytest.raises(LatentRagError, match="question 1 takes .* shorten the question"):
+            rag_model.generate(["Who wrote Hamlet?", too_long])
+        with pytest.raises(LatentRagError, match="shorten the question"):
+            rag_model.loss([too_long], ["Shakespeare"])
+    else:  # seq2seq reads "passage // question" cut from the right (as HF): the passages stay, with a warning
+        from latentrag.errors import LatentRagWarning
+
+        with pytest.warns(LatentRagWarning, match="end of the question"):
+            rag_model.loss([too_long], ["Shakespeare"])
+
+
+def test_cut_prompts_are_warned_about(rag_model):
+    import warnings
+
+    from latentrag.errors import LatentRagWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LatentRagWarning)  # an ordinary question is not cut
+        rag_model.generate("Who wrote Hamlet?")
+    long = _question_filling(rag_model.generator, spare=3)  # fits alone; no passage fits beside it
+    side = "start of the prompt" if rag_model.generator.kind == "decoder-only" else "end of the question"
+    with pytest.warns(LatentRagWarning, match=f"{K} of {K} generator inputs exceed max_input_length.*{side}"):
+        rag_model.generate(long)
+
+
+def test_cli_ask_refuses_zero_tokens_and_warns_on_cut_prompts(rag_model, monkeypatch, capsys):
+    from latentrag import cli
+
+    def no_model(args):
+        raise AssertionError("loaded the model before checking --max-new-tokens")
+
+    monkeypatch.setattr(cli, "load_model", no_model)
+    assert cli.main(["--threads", "1", "ask", "Who?", "--max-new-tokens", "0"]) == 2
+    assert "max_new_tokens must be at least 1, got 0" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "load_model", lambda args: rag_model)
+    question = _question_filling(rag_model.generator, spare=3)
+    assert cli.main(["--threads", "1", "ask", question, "--k", str(K)]) == 0
+    assert "latentrag: warning: " in capsys.readouterr().err
+
+
 def test_cli_ask_passes_decoding_options(rag_model, monkeypatch, capsys):
     from latentrag import cli
 

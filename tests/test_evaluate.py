@@ -289,8 +289,38 @@ def test_unknown_dataset_and_empty_selection_are_user_errors(toy, tmp_path):
     model, data = toy
     with pytest.raises(LatentRagError, match="unknown dataset"):
         evaluate(model, EvalSettings(dataset="nq-tset"), tmp_path / "x", progress=False)
-    with pytest.raises(LatentRagError, match="no questions left"):
-        evaluate(model, settings(data, limit=0), tmp_path / "y", progress=False)
+    for bad in ({"limit": 0}, {"limit": -1}, {"k": 0}):  # -1 once dropped the last question
+        with pytest.raises(LatentRagError, match="must be a whole number of at least 1"):
+            EvalSettings(dataset=str(data), **bad)
+    assert not (tmp_path / "y").exists()
+
+
+def test_duplicate_question_ids_are_refused_before_anything_runs(toy, tmp_path, capsys, monkeypatch):
+    """Predictions are keyed by id: a repeated id once scored one question twice and dropped the other."""
+    model, good = toy
+    data = tmp_path / "dup.jsonl"
+    data.write_text("".join(json.dumps({**q, "id": "same" if i in (1, 3) else f"q{i}"}) + "\n"
+                            for i, q in enumerate(QUESTIONS)))
+    with pytest.raises(LatentRagError, match=r"dup\.jsonl:4: duplicate question id 'same' \(first at line 2\)"):
+        evaluate(model, settings(data), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+    def no_model(args):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(cli, "load_model", no_model)
+    assert cli.main(["eval", "--dataset", str(data), "--out", str(tmp_path / "run")]) == 2
+    assert "duplicate question id 'same'" in capsys.readouterr().err
+    assert cli.main(["eval", "--dataset", str(good), "--limit", "-1", "--out", str(tmp_path / "run")]) == 2
+    assert "limit must be a whole number of at least 1, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # A predictions file holding an id twice (hand-made or from an older version) is not re-scored either.
+    result = evaluate(model, settings(good), tmp_path / "ok", progress=False)
+    assert result["metrics"]["n"] == len(QUESTIONS)
+    lines = (tmp_path / "ok" / PREDICTIONS).read_text().splitlines()
+    (tmp_path / "twice.jsonl").write_text("\n".join([*lines, lines[0]]) + "\n")
+    assert cli.main(["eval", "--predictions", str(tmp_path / "twice.jsonl")]) == 2
+    assert "appears twice" in capsys.readouterr().err
 
 
 def test_examples_ids_are_unique_in_a_dataset():

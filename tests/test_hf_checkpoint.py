@@ -22,7 +22,7 @@ from tiny_models import QUESTIONS, tiny_dense_encoder, tiny_seq2seq_generator
 from transformers import RagConfig as HFRagConfig
 from transformers import RagRetriever, RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
 
-from latentrag.errors import LatentRagError
+from latentrag.errors import LatentRagError, LatentRagWarning
 from latentrag.model import RagModel
 from latentrag.retrieval.index import encode_passages
 from latentrag.retrieval.index.importers import document_encoder_identity, import_dpr_embeddings
@@ -93,7 +93,7 @@ def load(folder, corpus) -> RagModel:
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
 @pytest.mark.parametrize("mode", ["sequence", "token"])
 def test_losses_equal_hugging_face_on_a_saved_checkpoint(mode, epsilon, corpus, tmp_path):
-    folder = save_checkpoint(tmp_path / "ckpt", mode, 64, epsilon)
+    folder = save_checkpoint(tmp_path / "ckpt", mode, 128, epsilon)  # long enough: no input is cut
     model = load(folder, corpus)
     assert (model.config.mode, model.config.k, model.config.label_smoothing) == (mode, K, epsilon)
     assert (model.generator.title_sep, model.generator.doc_sep) == (TITLE_SEP, DOC_SEP)
@@ -131,8 +131,10 @@ def test_generations_equal_hugging_face(mode, decoding, num_beams, length, corpu
     folder = save_checkpoint(tmp_path / "ckpt", mode, length)
     model = load(folder, corpus)
     questions = QUESTIONS
-    answers = model.generate(questions, decoding=decoding, num_beams=num_beams, length_penalty=1.0,
-                             max_new_tokens=MAX_NEW)
+    cut = pytest.warns(LatentRagWarning, match="exceed max_input_length")
+    with cut:  # inputs are cut on purpose (at max_combined_length, as HF cuts them)
+        answers = model.generate(questions, decoding=decoding, num_beams=num_beams, length_penalty=1.0,
+                                 max_new_tokens=MAX_NEW)
     hf, tok, _, doc_scores, ctx_ids, ctx_mask = hf_inputs(folder, corpus, questions)
     if mode == "sequence":
         assert bool(ctx_mask.all())
@@ -153,7 +155,7 @@ def test_generations_equal_hugging_face(mode, decoding, num_beams, length, corpu
 
 
 def test_saved_copy_keeps_the_checkpoint_format_and_refuses_other_towers(corpus, tmp_path):
-    folder = save_checkpoint(tmp_path / "ckpt", "token", 64, 0.1)
+    folder = save_checkpoint(tmp_path / "ckpt", "token", 128, 0.1)
     model = load(folder, corpus)
     model.save_pretrained(tmp_path / "latentrag-copy")
     copy = RagModel.from_pretrained(tmp_path / "latentrag-copy", index=corpus.index)

@@ -491,3 +491,127 @@ def test_flat_search_matches_faiss(tmp_path):
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
     with pytest.raises(LatentRagError, match="one vector per passage"):
         build_index_from_vectors(x[:10], [Passage("a", "", "")], tmp_path / "g", {"name": "s", "sha256": "0"})
+
+
+# ---- bad targets and broken indexes: refused up front, nothing lost ---------------------------------
+@pytest.fixture()
+def no_encoding(monkeypatch):
+    """Fail the test if a build gets as far as loading the document tower (so a refusal came first)."""
+    from latentrag.retrieval.index import build as build_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the encoder was loaded before the target was checked")
+
+    monkeypatch.setattr(build_module.DenseEncoder, "from_pretrained", refuse)
+
+
+def test_build_refuses_bad_targets_before_encoding(tmp_path, corpus, monkeypatch, capsys, no_encoding):
+    from latentrag.cli import main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("mine")
+    monkeypatch.chdir(busy)
+    cases = [
+        (".", "is the current folder"),
+        (str(busy), "is the current folder"),
+        (str(tmp_path), "holds it"),
+        (str(a_file), "is a file: give a folder"),
+        (str(a_file / "sub" / "idx"), "notes.txt is a file, so no index folder can be made under it"),
+        (str(tmp_path / "other"), None),  # made below: a non-empty folder that is no index
+    ]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("mine")
+    for out, message in cases:
+        assert main(["index", "build", "--corpus", str(corpus), "--out", out, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert (message or "not a latentrag index: refusing to replace it") in err, (out, err)
+        assert "Traceback" not in err
+    assert a_file.read_text() == "mine" and (busy / "thesis.tex").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "notes.txt", "other"]
+    assert sorted(p.name for p in busy.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def test_build_refuses_a_read_only_parent(tmp_path, corpus, no_encoding):
+    from latentrag.retrieval.index import build_corpus_index
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(LatentRagError, match="is not writable"):
+            build_corpus_index(corpus, locked / "idx", progress=False)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_default_build_goes_to_the_cache_one_folder_per_type(tmp_path, tiny_dir, corpus, monkeypatch):
+    from latentrag.assets import default_index_dir
+    from latentrag.retrieval.index import build_corpus_index
+
+    monkeypatch.setenv("LATENTRAG_CACHE", str(tmp_path / "cache"))
+    assert default_index_dir() == tmp_path / "cache" / "indexes" / "wiki-leads-minilm-flat"  # as before
+    assert default_index_dir("data/c.jsonl", "hnsw") == tmp_path / "cache" / "indexes" / "c-minilm-hnsw"
+    flat = build_corpus_index(corpus, encoder=str(tiny_dir), passage_words=WORDS, progress=False)
+    hnsw = build_corpus_index(corpus, index_type="hnsw", encoder=str(tiny_dir), passage_words=WORDS,
+                              progress=False)
+    name = tiny_dir.name.lower()
+    assert flat.directory == tmp_path / "cache" / "indexes" / f"c-{name}-flat"
+    assert hnsw.directory == tmp_path / "cache" / "indexes" / f"c-{name}-hnsw"
+    assert DenseIndex.load(flat.directory).manifest.index_type == "flat"  # not replaced by the hnsw build
+    assert sorted(p.name for p in corpus.parent.iterdir()) == ["c.jsonl"]  # nothing beside the corpus
+    assert flat.manifest.corpus == str(corpus.resolve())
+    namesake = write_corpus(tmp_path / "c.jsonl", 3)  # another corpus with the same file name
+    with pytest.raises(LatentRagError, match="holds the index of another corpus"):
+        build_corpus_index(namesake, encoder=str(tiny_dir), passage_words=WORDS, progress=False)
+    assert len(DenseIndex.load(flat.directory)) == len(flat)
+    rebuilt = build_corpus_index(corpus, encoder=str(tiny_dir), passage_words=WORDS, progress=False)
+    assert rebuilt.directory == flat.directory  # the same corpus rebuilds in place
+
+
+def _corrupt_count(directory: Path) -> None:
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["count"] += 1
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_add_to_an_inconsistent_index_changes_nothing(tmp_path, tiny, tiny_dir, corpus, capsys):
+    from latentrag.cli import main
+
+    out = tmp_path / "idx"
+    build_index(passages_of(corpus)[:20], tiny, out, progress=False)
+    _corrupt_count(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    extra = write_corpus(tmp_path / "extra.jsonl", 3, prefix="x-", start=700)
+    assert main(["index", "add", str(out), "--corpus", str(extra), "--encoder", str(tiny_dir), "--quiet"]) == 2
+    assert "manifest says 21" in capsys.readouterr().err
+    with pytest.raises(LatentRagError, match="manifest says 21"):
+        add_to_index(out, passages_of(extra), tiny, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["extra.jsonl", "idx"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "count"])
+def test_info_reports_a_broken_index(tmp_path, tiny, corpus, capsys, damage):
+    from latentrag.cli import main
+
+    out = tmp_path / "idx"
+    build_index(passages_of(corpus)[:20], tiny, out, progress=False)
+    assert main(["index", "info", str(out)]) == 0
+    capsys.readouterr()
+    if damage == "truncate":
+        size = (out / "vectors.faiss").stat().st_size
+        with open(out / "vectors.faiss", "r+b") as f:
+            f.truncate(size // 2)
+        message = "vectors.faiss: not a readable faiss index"
+    else:
+        _corrupt_count(out)
+        message = "manifest says 21"
+    with pytest.raises(LatentRagError, match=message):
+        index_info(out)
+    assert main(["index", "info", str(out), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""

@@ -45,6 +45,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latentrag"
 
 
+def default_index_dir(corpus: str | os.PathLike = DEFAULT_CORPUS, index_type: str = "flat",
+                      encoder: str = DEFAULT_ENCODER) -> Path:
+    """Where `index build` puts an index when no folder is given: the cache, one folder per corpus, encoder
+    and index type (so an HNSW build never replaces the flat one). The bundled default stays at
+    `indexes/wiki-leads-minilm-flat`, the name earlier versions used."""
+    corpus_name = str(corpus)
+    stem = corpus_name if corpus_name == DEFAULT_CORPUS else (Path(corpus_name).expanduser().stem or "corpus")
+    encoder_name = Path(str(encoder).rstrip("/")).name.lower() or "encoder"
+    return cache_dir() / "indexes" / f"{stem}-{encoder_name}-{index_type}"
+
+
 def minilm_dir() -> Path:
     return package_dir("minilm") / "model"
 

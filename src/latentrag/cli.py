@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from latentrag.errors import LatentRagError
+from latentrag.errors import LatentRagError, LatentRagWarning
 
 SAMPLE_QUESTIONS = [
     "Who directed the film 2001: A Space Odyssey?",
@@ -23,76 +24,43 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def default_index_dir(corpus: str = "wiki-leads") -> Path:
-    from latentrag.assets import cache_dir
-
-    return cache_dir() / "indexes" / f"{corpus}-minilm-flat"
-
-
-def ensure_default_index(progress: bool = True) -> Path:
-    """The bundled wiki-leads index, built once (with a progress bar) and cached."""
-    from latentrag.retrieval.index import MANIFEST
-
-    directory = default_index_dir()
-    if not (directory / MANIFEST).exists():
-        cmd_index_build(argparse.Namespace(corpus="wiki-leads", out=str(directory), index_type="flat",
-                                           passage_words=100, encoder="minilm", batch_size=64, quiet=not progress))
-    return directory
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our warnings as one plain line (like our errors); everything else as Python shows it."""
+    if issubclass(category, LatentRagWarning):
+        print(f"latentrag: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def load_model(args) -> object:
-    from latentrag.model import RagConfig, RagModel
+    """The model `ask`, `eval` and `demo` use: `loading.load_model` with --model and --index."""
+    from latentrag.loading import load_model as load
 
-    index = Path(args.index) if getattr(args, "index", None) else ensure_default_index()
-    if getattr(args, "model", None):
-        extra = {"document_encoder": args.document_encoder} if getattr(args, "document_encoder", None) else {}
-        model = RagModel.from_pretrained(args.model, index=index, **extra)
-    else:
-        model = RagModel.from_components(index=index, config=RagConfig())
-    device = getattr(args, "device", None)
-    if device and device != "cpu":
-        import torch
-
-        try:
-            model.to(torch.device(device))
-        except (RuntimeError, AssertionError) as e:
-            raise LatentRagError(f"cannot move the model to device '{device}': {e}") from e
-    return model
+    return load(getattr(args, "model", None), getattr(args, "index", None),
+                document_encoder=getattr(args, "document_encoder", None), device=getattr(args, "device", None))
 
 
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_index_build(args) -> int:
-    from latentrag.retrieval.corpus import read_corpus, split_passages
-    from latentrag.retrieval.encoders import DenseEncoder, freeze
-    from latentrag.retrieval.index import CHUNK_SIZE, build_index
+    from latentrag.retrieval.index import build_corpus_index
 
-    out = Path(args.out) if args.out else default_index_dir(args.corpus)
-    encoder = freeze(DenseEncoder.from_pretrained(args.encoder))
-    passages = split_passages(read_corpus(args.corpus), words=args.passage_words)
-    index = build_index(passages, encoder, out, index_type=args.index_type, batch_size=args.batch_size,
-                        progress=not args.quiet, resume=getattr(args, "resume", False),
-                        chunk_size=getattr(args, "chunk_size", CHUNK_SIZE),
-                        exact_vectors=getattr(args, "exact_vectors", None), corpus=str(args.corpus),
-                        passage_words=args.passage_words,
-                        encoder_source=str(Path(args.encoder).resolve()) if Path(args.encoder).exists() else args.encoder)
-    print(f"built {index.manifest.index_type} index of {len(index)} passages (dim {index.dim}) in {out}",
-          file=sys.stderr)
+    index = build_corpus_index(
+        args.corpus, args.out, index_type=args.index_type, passage_words=args.passage_words, encoder=args.encoder,
+        batch_size=args.batch_size, progress=not args.quiet, resume=args.resume, chunk_size=args.chunk_size,
+        exact_vectors=args.exact_vectors,
+    )
+    print(f"built {index.manifest.index_type} index of {len(index)} passages (dim {index.dim}) in "
+          f"{index.directory}", file=sys.stderr)
     return 0
 
 
 def cmd_index_add(args) -> int:
-    from latentrag.retrieval.corpus import read_corpus, split_passages
-    from latentrag.retrieval.encoders import DenseEncoder, freeze
-    from latentrag.retrieval.index import Manifest, add_to_index
+    from latentrag.retrieval.index import add_corpus_to_index
 
-    manifest = Manifest.read(Path(args.directory))
-    encoder = freeze(DenseEncoder.from_pretrained(
-        args.encoder or manifest.encoder_source or manifest.encoder.get("name", "minilm")))
-    words = args.passage_words or manifest.passage_words or 100
-    passages = split_passages(read_corpus(args.corpus), words=words)
-    before = manifest.count
-    index = add_to_index(args.directory, passages, encoder, batch_size=args.batch_size, progress=not args.quiet)
-    print(f"added {len(index) - before} passages to {args.directory} (now {len(index)})", file=sys.stderr)
+    index, added = add_corpus_to_index(args.directory, args.corpus, encoder=args.encoder,
+                                       passage_words=args.passage_words, batch_size=args.batch_size,
+                                       progress=not args.quiet)
+    print(f"added {added} passages to {args.directory} (now {len(index)})", file=sys.stderr)
     return 0
 
 
@@ -147,6 +115,10 @@ def cmd_index_plan(args) -> int:
 
 
 def cmd_ask(args) -> int:
+    from latentrag.generation.decoding import DecodeOptions
+
+    if args.max_new_tokens is not None:
+        DecodeOptions(max_new_tokens=args.max_new_tokens).check()  # before the model loads
     model = load_model(args)
     answers = model.generate([args.question], mode=args.mode, decoding=args.decoding, num_beams=args.beams,
                              k=args.k, max_new_tokens=args.max_new_tokens)
@@ -178,8 +150,8 @@ def cmd_worked_examples(args) -> int:
 
 def cmd_eval(args) -> int:
     """Evaluate (or, with --predictions, re-score) on a QA data set; one run per --k value."""
-    from latentrag.evaluation.evaluate import EvalSettings, evaluate, rescore, select_examples
-    from latentrag.evaluation.report import write_comparison_report
+    from latentrag.evaluation.datasets import load_dataset
+    from latentrag.evaluation.evaluate import EvalSettings, default_run_dir, evaluate_sweep, rescore
 
     if args.predictions:
         result = rescore(args.predictions, args.out)
@@ -187,34 +159,31 @@ def cmd_eval(args) -> int:
         return 0
     if not args.dataset:
         raise LatentRagError("give --dataset NAME|PATH.jsonl to evaluate, or --predictions FILE to re-score")
-    model = load_model(args)
-    args.mode = args.mode or model.config.mode
-    ks = args.k or [model.config.k]
-    base = Path(args.out) if args.out else Path("eval-runs") / (
-        f"{Path(args.dataset).stem}-{'closed-book' if args.closed_book else args.mode}")
-    results = []
-    for k in ks:
-        settings = EvalSettings(
-            dataset=args.dataset, mode=args.mode, decoding=args.decoding, num_beams=args.beams, k=k,
+    from latentrag.loading import model_defaults
+
+    mode, k_default = model_defaults(getattr(args, "model", None))  # a HF RAG checkpoint's class and n_docs
+    runs = [
+        EvalSettings(
+            dataset=args.dataset, mode=args.mode or mode, decoding=args.decoding, num_beams=args.beams, k=k,
             closed_book=args.closed_book, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             answerable_only=args.answerable_only, limit=args.limit,
         )
-        index = None if args.closed_book and not args.answerable_only else model.retriever.index
-        examples, info = select_examples(settings, index, progress=True)
-        out = base if len(ks) == 1 else base / f"k{k}"
-        result = evaluate(model, settings, out, resume=args.resume, examples=examples, info=info)
-        results.append(result)
+        for k in args.k or [k_default]
+    ]  # settings are checked before the model loads, and so is the data:
+    load_dataset(args.dataset)
+    model = load_model(args)
+    base = Path(args.out) if args.out else default_run_dir(runs[0])
+    results = evaluate_sweep(model, runs, base, resume=args.resume)
+    for run, result in zip(runs, results, strict=True):
+        out = base if len(runs) == 1 else base / f"k{run.k}"
         print(f"{result['label']}: wrote {out}/metrics.json and {out}/report.md", file=sys.stderr)
-    if len(ks) > 1:
-        write_comparison_report(base / "report.md", results, f"Evaluation on {args.dataset} against k",
-                                sweep=results, figures_dir=base / "figures")
+    if len(runs) > 1:
         print(f"comparison over k: {base}/report.md", file=sys.stderr)
     print(json.dumps({r["label"]: r["metrics"] for r in results}, indent=2))
     return 0
 
 
 def cmd_demo(args) -> int:
-    ensure_default_index()
     model = load_model(args)
     for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=5):
         print(f"Q: {answer.question}\nA: {answer.text}")
@@ -233,16 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build and inspect dense indexes").add_subparsers(dest="index_command",
                                                                                             required=True)
     build = index.add_parser("build", help="encode a corpus into an index folder")
+    from latentrag.retrieval.corpus import PASSAGE_WORDS
+    from latentrag.retrieval.index import CHUNK_SIZE
     from latentrag.retrieval.index_plan import INDEX_TYPES
 
     corpus_help = "'wiki-leads', a .jsonl/.tsv/.csv file, or a folder of .txt/.md files"
     build.add_argument("--corpus", default="wiki-leads", help=corpus_help)
-    build.add_argument("--out", default=None, help="index folder (default: the cache)")
+    build.add_argument("--out", default=None,
+                       help="index folder (default: the cache, CACHE/indexes/CORPUS-ENCODER-TYPE)")
     build.add_argument("--index-type", default="flat", choices=list(INDEX_TYPES))
-    build.add_argument("--passage-words", type=int, default=100)
+    build.add_argument("--passage-words", type=int, default=PASSAGE_WORDS)
     build.add_argument("--encoder", default="minilm", help="document tower (default: bundled MiniLM)")
     build.add_argument("--batch-size", type=int, default=64)
-    build.add_argument("--chunk-size", type=int, default=4096, help="passages encoded per saved chunk")
+    build.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="passages encoded per saved chunk")
     build.add_argument("--resume", action="store_true", help="continue an interrupted build from its last chunk")
     build.add_argument("--exact-vectors", action=argparse.BooleanOptionalAction, default=None,
                        help="keep exact float32 vectors (default: only for sq8/pq types)")
@@ -341,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         if args.command != "worked-examples":
             from latentrag.threads import configure_threads
@@ -354,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("latentrag: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def hf_rag_config(name_or_path: str | Path):
     return config if config.model_type == "rag" else None
 
 
-def _mode(config) -> str:
+def checkpoint_mode(config) -> str:
+    """'token' or 'sequence' from the checkpoint's class."""
     for arch in config.architectures or []:
         if arch in MODES:
             return MODES[arch]
@@ -82,7 +83,7 @@ def load_hf_rag(name_or_path: str | Path, index=None, document_encoder: str | No
     config = hf_rag_config(source)
     if config is None:
         raise LatentRagError(f"{source} is not a Hugging Face RAG checkpoint (no config.json with model_type 'rag')")
-    mode = _mode(config)
+    mode = checkpoint_mode(config)
     model_class = getattr(transformers, "RagTokenForGeneration" if mode == "token" else "RagSequenceForGeneration")
     missing = [sub for sub in TOKENIZER_DIRS if Path(source).is_dir() and not (Path(source) / sub).is_dir()]
     if missing:  # transformers would build empty tokenizers instead of failing

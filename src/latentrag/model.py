@@ -155,7 +155,9 @@ class RagModel(nn.Module):
         mode, k = self._check(mode, k)
         if len(answers) != len(questions):
             raise LatentRagError(f"{len(questions)} questions but {len(answers)} answers")
+        self.generator.check_prompt_budget(questions)
         retrieved = self.retrieve(questions, k)
+        self.generator.warn_truncation(retrieved.questions, retrieved.passages)
         batch = self.generator.prepare(retrieved.questions, retrieved.passages, answers)
         vocab_logprobs = self.generator.vocab_logprobs(batch)
         eps = self.config.label_smoothing if epsilon is None else epsilon
@@ -188,13 +190,16 @@ class RagModel(nn.Module):
         mode, k = self._check(mode, k)
         kind = rag_type(mode)
         decoding = decoding or kind.default_decoding
-        kind.options(decoding, num_beams, options)  # refuse bad settings before retrieving
-        retrieved = self.retrieve(questions if isinstance(questions, list) else [questions], k)
+        max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens  # 0 is refused
+        kind.options(decoding, num_beams, {**options, "max_new_tokens": max_new_tokens})  # before retrieving
+        questions = questions if isinstance(questions, list) else [questions]
+        self.generator.check_prompt_budget(questions)
+        retrieved = self.retrieve(questions, k)
+        self.generator.warn_truncation(retrieved.questions, retrieved.passages)
         batch = self.generator.prepare(retrieved.questions, retrieved.passages)
         log_prior = retrieved.log_prior.float()
         decoded = kind.decode(
-            self.generator, batch, log_prior, decoding, num_beams=num_beams,
-            max_new_tokens=max_new_tokens or self.config.max_new_tokens, **options,
+            self.generator, batch, log_prior, decoding, num_beams=num_beams, max_new_tokens=max_new_tokens, **options,
         )
         answers = []
         for b, d in enumerate(decoded):

@@ -50,8 +50,8 @@ _TABLE_SUFFIXES = {".csv", ".tsv"}
 
 def load_dataset(name_or_path: str | Path, limit: int | None = None) -> list[QAExample]:
     """The first `limit` examples (all if None) of a named DPR split or of a .jsonl/.tsv file of questions."""
-    if limit is not None and limit < 0:
-        raise LatentRagError(f"limit must be a non-negative number of examples or None, got {limit}")
+    if limit is not None and limit < 1:
+        raise LatentRagError(f"limit must be at least 1 example (or None for all), got {limit}")
     name = str(name_or_path)
     if name in DATASETS:
         examples = _load_named(name)
@@ -108,7 +108,7 @@ def _load_named(name: str) -> list[QAExample]:
 def _read_table(text: str, where: str, stem: str) -> Iterator[QAExample]:
     """DPR's `question<TAB>python-list-of-answers` rows, parsed as DPR does (csv quoting, literal_eval)."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
-    index, end = 0, 0
+    index, end, seen = 0, 0, {}
     for row in reader:
         lineno, end = end + 1, reader.line_num  # a quoted question may span several lines
         if not row or (len(row) == 1 and not row[0].strip()):
@@ -121,7 +121,8 @@ def _read_table(text: str, where: str, stem: str) -> Iterator[QAExample]:
             raise LatentRagError(
                 f"{where}:{lineno}: answers must be a Python list of strings, e.g. ['Paris'] ({e})"
             ) from e
-        yield _example({"question": row[0], "answers": answers}, where, lineno, f"{stem}-{index}")
+        yield _unique(_example({"question": row[0], "answers": answers}, where, lineno, f"{stem}-{index}"),
+                      seen, where, lineno)
         index += 1
 
 
@@ -135,10 +136,23 @@ def _read_jsonl(path: Path) -> Iterator[QAExample]:
 
 def _parse_jsonl(lines: Iterable[str], where: str, stem: str) -> Iterator[QAExample]:
     """JSON lines with `question` and `answers` (list), `answer` (string or list) or `label` (string)."""
+    seen: dict[str, int] = {}
     for index, (lineno, record) in enumerate(json_records(enumerate(lines, start=1), where)):
         if not isinstance(record, dict):
             raise LatentRagError(f"{where}:{lineno}: expected a JSON object with 'question' and 'answers'")
-        yield _example(record, where, lineno, f"{stem}-{index}")
+        yield _unique(_example(record, where, lineno, f"{stem}-{index}"), seen, where, lineno)
+
+
+def _unique(example: QAExample, seen: dict[str, int], where: str, lineno: int) -> QAExample:
+    """Refuse a repeated question id: runs, resumes and re-scoring key predictions by id, so a repeat would
+    count one question twice and drop the other."""
+    first = seen.setdefault(example.id, lineno)
+    if first != lineno:
+        raise LatentRagError(
+            f"{where}:{lineno}: duplicate question id '{example.id}' (first at line {first}): give every "
+            "question its own id, or leave 'id' out to number them"
+        )
+    return example
 
 
 def _example(record: dict, where: str, lineno: int, default_id: str) -> QAExample:
@@ -154,6 +168,11 @@ def _example(record: dict, where: str, lineno: int, default_id: str) -> QAExampl
         raise LatentRagError(
             f"{where}:{lineno}: no answers: give 'answers' (a non-empty list of strings), "
             "'answer' (a string or list) or 'label' (a string)"
+        )
+    if not all(a.strip() for a in answers):
+        raise LatentRagError(
+            f"{where}:{lineno}: an empty answer in {answers!r}: every answer must be a non-empty string "
+            "(an empty gold would match an empty prediction)"
         )
     regex = record.get("regex", False)
     if not isinstance(regex, bool):

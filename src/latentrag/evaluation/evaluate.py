@@ -56,6 +56,10 @@ class EvalSettings:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name in ("k", "batch_size", "max_new_tokens", "limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LatentRagError(f"{name} must be a whole number of at least 1, got {value!r}")
         if not self.closed_book and self.decoding is None:
             from latentrag.rag_types import rag_type
 
@@ -487,6 +491,14 @@ def rescore(predictions: str | Path, out_dir: str | Path | None = None) -> dict:
     records = read_predictions(predictions)
     if not records:
         raise LatentRagError(f"{predictions} holds no predictions")
+    seen: set = set()
+    for lineno, record in enumerate(records, start=1):
+        if record.get("id") in seen:
+            raise LatentRagError(
+                f"{predictions}: question id '{record.get('id')}' appears twice (record {lineno}): each question "
+                "must be scored once; re-run the evaluation on data with unique ids"
+            )
+        seen.add(record.get("id"))
     out = Path(out_dir) if out_dir else predictions.parent
     run_file = predictions.parent / RUN
     run = json.loads(run_file.read_text()) if run_file.is_file() else {
@@ -494,3 +506,42 @@ def rescore(predictions: str | Path, out_dir: str | Path | None = None) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     return finish(records, out, run)
+
+
+def default_run_dir(settings: EvalSettings) -> Path:
+    """Where a run goes when no folder is given: `eval-runs/{dataset}-{mode|closed-book}`."""
+    return Path("eval-runs") / f"{Path(settings.dataset).stem}-{'closed-book' if settings.closed_book else settings.mode}"
+
+
+def evaluate_sweep(
+    model,
+    runs: Sequence[EvalSettings],
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Several runs of one model (e.g. one per k): each in its own folder, plus a comparison report.
+
+    One run writes into `out_dir` itself; several write into `out_dir/k{k}` and add `out_dir/report.md`
+    (with the EM-against-k plot in `out_dir/figures`). out_dir defaults to `default_run_dir(runs[0])`.
+    """
+    from latentrag.evaluation.report import write_comparison_report
+
+    runs = list(runs)
+    if not runs:
+        raise LatentRagError("no runs to evaluate: give at least one EvalSettings")
+    ks = [s.k for s in runs]
+    if len(runs) > 1 and len(set(ks)) != len(ks):
+        raise LatentRagError(f"the runs of a sweep need different k values (got {ks}): each k gets folder k{{k}}")
+    base = Path(out_dir) if out_dir is not None else default_run_dir(runs[0])
+    results = []
+    for settings in runs:
+        index = None if settings.closed_book and not settings.answerable_only else model.retriever.index
+        examples, info = select_examples(settings, index, progress=progress)
+        out = base if len(runs) == 1 else base / f"k{settings.k}"
+        results.append(evaluate(model, settings, out, resume=resume, progress=progress, examples=examples,
+                                info=info))
+    if len(runs) > 1:
+        write_comparison_report(base / "report.md", results, f"Evaluation on {runs[0].dataset} against k",
+                                sweep=results, figures_dir=base / "figures")
+    return results

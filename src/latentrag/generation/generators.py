@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from latentrag.assets import resolve_generator
-from latentrag.errors import LatentRagError
+from latentrag.errors import LatentRagError, LatentRagWarning
 from latentrag.generation import shared_context
 from latentrag.retrieval.corpus import Passage
 
@@ -91,6 +92,50 @@ class Generator(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
+
+    # ---- the input budget: max_input_length tokens per (question, passage) row ----------------------
+    adds_special_tokens = True  # whether `prepare` tokenizes with the tokenizer's special tokens
+    truncates = "right"  # which end `prepare` cuts when a row is longer than max_input_length
+
+    def input_text(self, question: str, passage: Passage) -> str:
+        """The text the generator reads for one (question, passage) row, before tokenization."""
+        raise NotImplementedError
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=self.adds_special_tokens)["input_ids"]]
+
+    def check_prompt_budget(self, questions: list[str]) -> None:
+        """Refuse a question that alone fills the input budget of a generator that cuts from the left
+        (decoder-only: the passage precedes the question): every passage would be cut away, so p(z|x,y)
+        would equal p(z|x) and the answer would not read the evidence. A generator that cuts from the right
+        (seq2seq, "passage // question", as Hugging Face's RAG) keeps the passage and loses the question's
+        end; `warn_truncation` says so."""
+        if self.truncates != "left":
+            return
+        empty = Passage("", "", "")
+        for i, n in enumerate(self._token_counts([self.input_text(q, empty) for q in questions])):
+            if n >= self.max_input_length:
+                raise LatentRagError(
+                    f"question {i} takes {n} tokens with the prompt around it, but the generator reads at most "
+                    f"{self.max_input_length} (max_input_length) including the passage: shorten the question"
+                )
+
+    def warn_truncation(self, questions: list[str], passages: list[list[Passage]]) -> int:
+        """Warn (LatentRagWarning) when (question, passage) rows exceed max_input_length and `prepare` will
+        cut them; returns how many rows are cut. Decoder-only prompts lose their start (instruction, title,
+        the passage's beginning); seq2seq inputs lose their end (the question's end)."""
+        texts = [self.input_text(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+        over = [n - self.max_input_length for n in self._token_counts(texts) if n > self.max_input_length]
+        if over:
+            cut = "the start of the prompt and passage" if self.truncates == "left" else "the end of the question"
+            warnings.warn(
+                f"{len(over)} of {len(texts)} generator inputs exceed max_input_length={self.max_input_length} "
+                f"tokens and lose up to {max(over)} tokens ({cut}); the answer reads less of the evidence: "
+                "use shorter questions or passages, or a larger max_input_length",
+                LatentRagWarning,
+                stacklevel=3,
+            )
+        return len(over)
 
     def save_pretrained(self, directory) -> None:
         self.model.save_pretrained(directory)  # the attention implementation is not saved: plain HF loads it
@@ -188,6 +233,13 @@ class Seq2SeqGenerator(Generator):
                         question_tokenizer=None) -> None:
         """The encoder input "prefix + title + title_sep + text + doc_sep + question" for this model."""
         self.title_sep, self.doc_sep, self.prefix, self.question_tokenizer = title_sep, doc_sep, prefix, question_tokenizer
+
+    def input_text(self, question: str, passage: Passage) -> str:
+        return self.format_input(self.generator_question(question), passage)
+
+    @property
+    def truncates(self) -> str:
+        return self.tokenizer.truncation_side
 
     def format_input(self, question: str, passage: Passage) -> str:
         prefix = self.prefix if self.prefix is not None else getattr(self.model.config, "prefix", None) or ""
@@ -302,6 +354,12 @@ class DecoderOnlyGenerator(Generator):
 
     def _share_contexts(self) -> bool:
         return shared_context.enable_prompt(self.model)
+
+    adds_special_tokens = False
+    truncates = "left"  # keep the question and the answer's position
+
+    def input_text(self, question: str, passage: Passage) -> str:
+        return self.format_prompt(question, passage)
 
     def format_prompt(self, question: str, passage: Passage) -> str:
         body = f"Title: {_clean_title(passage.title)}\nPassage: {passage.text}\nQuestion: {question}"

@@ -212,7 +212,10 @@ def read_corpus(source: str | Path) -> Iterator[Document]:
 
 
 # ---- splitting ----------------------------------------------------------------------------------------
-def split_passages(documents: Iterable[Document], words: int = 100) -> Iterator[Passage]:
+PASSAGE_WORDS = 100  # the paper's disjoint 100-word passages
+
+
+def split_passages(documents: Iterable[Document], words: int = PASSAGE_WORDS) -> Iterator[Passage]:
     """Disjoint passages of `words` words (the last may be shorter), each keeping its document's title.
 
     A trailing piece shorter than a quarter passage is merged into the previous one, so no passage is a

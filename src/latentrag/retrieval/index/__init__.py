@@ -6,10 +6,14 @@
 
 from latentrag.retrieval.index.build import (
     CHUNK_SIZE,
+    add_corpus_to_index,
     add_to_index,
+    build_corpus_index,
     build_index,
     build_index_from_vectors,
+    check_index_target,
     chunk_count,
+    default_index,
     encode_passages,
 )
 from latentrag.retrieval.index.dense_index import DenseIndex, index_info
@@ -25,10 +29,14 @@ __all__ = [
     "VECTORS",
     "DenseIndex",
     "Manifest",
+    "add_corpus_to_index",
     "add_to_index",
+    "build_corpus_index",
     "build_index",
     "build_index_from_vectors",
+    "check_index_target",
     "chunk_count",
+    "default_index",
     "encode_passages",
     "index_info",
 ]

@@ -26,12 +26,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER, default_index_dir
 from latentrag.atomic import atomic_path, atomic_write_text, fsync_dir, replace_dir
 from latentrag.errors import LatentRagError
-from latentrag.retrieval.corpus import Passage, PassageStore, passage_digest, write_passage_store
+from latentrag.retrieval.corpus import (
+    PASSAGE_WORDS,
+    Passage,
+    PassageStore,
+    passage_digest,
+    write_passage_store,
+)
 from latentrag.retrieval.encoders import DenseEncoder
 from latentrag.retrieval.index.dense_index import DenseIndex
-from latentrag.retrieval.index.faiss_io import apply_search_params, limit_threads, read_faiss
+from latentrag.retrieval.index.faiss_io import apply_search_params, limit_threads
 from latentrag.retrieval.index.manifest import EXACT, FORMAT, MANIFEST, PASSAGES, VECTORS, Manifest
 from latentrag.retrieval.index_plan import default_params, factory_string
 from latentrag.retrieval.index_plan import index_type as _index_type
@@ -49,20 +56,49 @@ def _prepare_build(directory, index_type: str, exact_vectors: bool | None):
     and the work folder beside the target."""
     kind = _index_type(index_type)
     exact = (not kind.exact_reconstruct) if exact_vectors is None else bool(exact_vectors)
-    directory = Path(directory).expanduser()
-    _check_target(directory)
+    directory = check_index_target(directory)
     limit_threads()
     return kind, exact, directory, _work_dir(directory, "build")
 
 
-def _check_target(directory: Path) -> None:
+def check_index_target(directory: str | Path) -> Path:
+    """Refuse, before anything is read or encoded, a folder an index cannot be written to (returned expanded).
+
+    The target must not be a file, lie under a file, be the current folder (or hold it), or be a non-empty
+    folder that is not an index; it (if present) and the folder it is created in must be writable: the
+    build works in `.<name>.build/` beside it and renames the finished folder into place.
+    """
+    directory = Path(directory).expanduser()
+    resolved = directory.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise LatentRagError(
+            f"'{directory}' is the current folder{'' if resolved == cwd else ' or holds it'}: an index build "
+            "replaces its target folder; give a new folder, e.g. --out ./my-index"
+        )
     if directory.exists() and not directory.is_dir():
         raise LatentRagError(f"{directory} is a file: give a folder for the index")
+    existing = resolved.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LatentRagError(f"{existing} is a file, so no index folder can be made under it: give another --out")
     if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).exists():
         raise LatentRagError(
             f"{directory} is a non-empty folder that is not a latentrag index: refusing to replace it; "
             "give a new or empty folder"
         )
+    for folder in ([resolved] if resolved.exists() else []) + [existing]:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise LatentRagError(f"{folder} is not writable: give an index folder where you can write")
+    return directory
+
+
+def _make_work_dir(work: Path) -> None:
+    try:
+        work.mkdir(parents=True)
+    except OSError as e:
+        raise LatentRagError(f"cannot create the work folder {work} ({e.strerror}): give another index folder") from e
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -300,7 +336,7 @@ def build_index(
         )
     if state is None:
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        _make_work_dir(work)
         try:
             count, digest = _stream_passages(passages, work / PASSAGES)
             if count == 0:
@@ -365,7 +401,7 @@ def build_index_from_vectors(
         raise LatentRagError(f"vectors must be (N, d), got shape {vectors.shape}")
     kind, exact, directory, work = _prepare_build(directory, index_type, exact_vectors)
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    _make_work_dir(work)
     try:
         count, _ = _stream_passages(passages, work / PASSAGES)
         if count != len(vectors) or count == 0:
@@ -405,7 +441,8 @@ def add_to_index(
     from latentrag import __version__
 
     directory = Path(directory).expanduser()
-    manifest = Manifest.read(directory)
+    base = DenseIndex.load(directory, mmap=False)  # refuses an inconsistent index before anything is written
+    manifest = base.manifest
     identity = encoder.identity()
     if identity.get("sha256") != manifest.encoder.get("sha256") or encoder.dim != manifest.dim:
         raise LatentRagError(
@@ -413,13 +450,12 @@ def add_to_index(
             f"(sha256 {str(manifest.encoder.get('sha256'))[:12]}…, dim {manifest.dim}); '{identity.get('name')}' "
             f"(sha256 {identity['sha256'][:12]}…, dim {encoder.dim}) encodes into another space: use the same encoder"
         )
-    limit_threads()
-    base_store = PassageStore(directory / PASSAGES)
-    base_index = read_faiss(directory / VECTORS, mmap=False)
-    base_vectors = np.load(directory / EXACT, mmap_mode="r") if manifest.exact_vectors else None
+    check_index_target(directory)
+    base_index, base_store, base_vectors = base.faiss, base.store, base.vectors
+    del base
     work = _work_dir(directory, "add")
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    _make_work_dir(work)
     try:
         count, _ = _stream_passages(passages, work / PASSAGES, set(base_store.ids()), str(directory))
         if count == 0:
@@ -441,3 +477,87 @@ def add_to_index(
 
 def chunk_count(n: int, chunk_size: int = CHUNK_SIZE) -> int:
     return math.ceil(n / chunk_size)
+
+
+def _encoder_source(encoder: str) -> str:
+    """What `index add` reloads the tower from: a folder's absolute path, else the name as given."""
+    return str(Path(encoder).expanduser().resolve()) if Path(encoder).expanduser().exists() else encoder
+
+
+def build_corpus_index(
+    corpus: str | Path = DEFAULT_CORPUS,
+    out: str | Path | None = None,
+    index_type: str = "flat",
+    passage_words: int = PASSAGE_WORDS,
+    encoder: str = DEFAULT_ENCODER,
+    batch_size: int = 64,
+    progress: bool = True,
+    *,
+    resume: bool = False,
+    chunk_size: int = CHUNK_SIZE,
+    exact_vectors: bool | None = None,
+) -> DenseIndex:
+    """Read a corpus, split it into passages of `passage_words` words and build an index (`index build`).
+
+    out: the index folder; by default `assets.default_index_dir(corpus, index_type, encoder)` in the cache.
+    The target is checked before the encoder is loaded or anything is encoded.
+    """
+    from latentrag.retrieval.corpus import read_corpus, split_passages
+    from latentrag.retrieval.encoders import freeze
+
+    if passage_words < 1:
+        raise LatentRagError(f"passage_words must be at least 1, got {passage_words}")
+    _index_type(index_type)
+    source = str(corpus) if str(corpus) == DEFAULT_CORPUS else str(Path(corpus).expanduser().resolve())
+    directory = check_index_target(default_index_dir(corpus, index_type, encoder) if out is None else out)
+    if out is None and (directory / MANIFEST).exists():
+        previous = Manifest.read(directory).corpus
+        if previous not in (None, source):  # two corpora with one file name share a default folder
+            raise LatentRagError(
+                f"the default folder {directory} holds the index of another corpus ({previous}): give --out, "
+                "or delete that folder to replace it"
+            )
+    tower = freeze(DenseEncoder.from_pretrained(encoder))
+    passages = split_passages(read_corpus(corpus), words=passage_words)
+    return build_index(
+        passages, tower, directory, index_type=index_type, batch_size=batch_size, progress=progress, resume=resume,
+        chunk_size=chunk_size, exact_vectors=exact_vectors, corpus=source, passage_words=passage_words,
+        encoder_source=_encoder_source(encoder),
+    )
+
+
+def add_corpus_to_index(
+    directory: str | Path,
+    corpus: str | Path,
+    encoder: str | None = None,
+    passage_words: int | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[DenseIndex, int]:
+    """Read and split a corpus and append its passages to an index (`index add`); returns (index, added).
+
+    The encoder and passage length default to the ones the manifest records. The index is loaded and
+    checked (counts, files) before the encoder is loaded or anything is encoded.
+    """
+    from latentrag.retrieval.corpus import read_corpus, split_passages
+    from latentrag.retrieval.encoders import freeze
+
+    directory = Path(directory).expanduser()
+    manifest = DenseIndex.load(directory).manifest  # an inconsistent index is refused here
+    check_index_target(directory)
+    words = passage_words or manifest.passage_words or PASSAGE_WORDS
+    if words < 1:
+        raise LatentRagError(f"passage_words must be at least 1, got {words}")
+    tower = freeze(DenseEncoder.from_pretrained(
+        encoder or manifest.encoder_source or manifest.encoder.get("name", DEFAULT_ENCODER)))
+    passages = split_passages(read_corpus(corpus), words=words)
+    index = add_to_index(directory, passages, tower, batch_size=batch_size, progress=progress)
+    return index, len(index) - manifest.count
+
+
+def default_index(progress: bool = True) -> Path:
+    """The bundled wiki-leads flat index in the cache, built once (about a minute on a laptop) and reused."""
+    directory = default_index_dir()
+    if not (directory / MANIFEST).exists():
+        build_corpus_index(DEFAULT_CORPUS, directory, progress=progress)
+    return directory

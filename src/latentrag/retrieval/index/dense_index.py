@@ -151,16 +151,27 @@ class DenseIndex:
 
 
 def index_info(directory: str | Path) -> dict:
-    """The manifest plus what is on disk: counts and file sizes."""
+    """The manifest plus what is on disk (counts, file sizes), for an index that has been checked first.
+
+    The folder is opened as a search would open it: the faiss file must read (a truncated or corrupt one
+    does not), and the vectors, passages, exact vectors and manifest must agree in count and dimension;
+    otherwise a `LatentRagError` says what is wrong. A healthy index is never reported for a broken one.
+    """
     directory = Path(directory).expanduser()
-    manifest = Manifest.read(directory)
+    index = DenseIndex.load(directory)
+    manifest = index.manifest
     files = {name: (directory / name).stat().st_size for name in (VECTORS, EXACT, PASSAGES, MANIFEST)
              if (directory / name).exists()}
-    store = PassageStore(directory / PASSAGES)
+    floor = manifest.count * manifest.dim * 4 if manifest.index_type == "flat" else 0  # raw float32 codes
+    if files.get(VECTORS, 0) < floor:
+        raise LatentRagError(
+            f"{directory / VECTORS}: {files.get(VECTORS, 0)} bytes, too small for {manifest.count} flat vectors of "
+            f"dim {manifest.dim} ({floor} bytes); rebuild the index"
+        )
     return {
         "directory": str(directory),
         **asdict(manifest),
-        "passages": len(store),
+        "passages": len(index.store),
         "files": files,
         "total_bytes": sum(files.values()),
     }

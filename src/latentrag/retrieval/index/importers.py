@@ -43,6 +43,7 @@ from latentrag.retrieval.index.build import (
     _chunk_path,
     _finish,
     _load_state,
+    _make_work_dir,
     _prepare_build,
     _save_npy,
     _work_dir,
@@ -225,7 +226,7 @@ class _Import:
             )
         if state is None:
             shutil.rmtree(self.work, ignore_errors=True)
-            self.work.mkdir(parents=True)
+            _make_work_dir(self.work)
         self.state = state
 
     def save_state(self, **values) -> None:
