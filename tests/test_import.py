@@ -311,3 +311,25 @@ def test_a_named_folder_that_does_not_load_is_an_error(tmp_path):
         document_encoder_identity(str(tmp_path / "broken"))
     named = document_encoder_identity("owner/not-here", 768, load=False)
     assert named["sha256"] == "unverified-name:owner/not-here" and named["verified"] is False
+
+
+def test_import_index_checks_up_front_and_records_a_name(dpr_files, tmp_path, capsys):
+    from latentrag.cli import main
+    from latentrag.retrieval.index.importers import import_index
+
+    tsv, pattern = dpr_files
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(LatentRagError, match="is a file"):
+        import_index(a_file, "x", dpr_embeddings=pattern, passages=tsv)
+    with pytest.raises(LatentRagError, match="unknown index type"):
+        import_index(tmp_path / "idx", "x", dpr_embeddings=pattern, passages=tsv, index_type="lsh")
+    with pytest.raises(LatentRagError, match="needs --passages"):
+        import_index(tmp_path / "idx", "x", dpr_embeddings=pattern)
+    assert main(["--threads", "1", "index", "import", "--dpr-embeddings", pattern, "--passages", str(tsv), "--out",
+                 str(tmp_path / "idx"), "--encoder-name", "facebook/dpr-ctx_encoder-single-nq-base",
+                 "--no-load-encoder", "--quiet"]) == 0
+    assert "recorded by name only" in capsys.readouterr().err
+    encoder = DenseIndex.load(tmp_path / "idx").manifest.encoder
+    assert encoder["sha256"] == "unverified-name:facebook/dpr-ctx_encoder-single-nq-base"
+    assert encoder["dim"] == 32 and encoder["verified"] is False  # the vectors' dimension

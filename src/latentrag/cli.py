@@ -66,27 +66,14 @@ def cmd_index_add(args) -> int:
 
 def cmd_index_import(args) -> int:
     """Published vectors (DPR shards + psgs_w100.tsv, or a Hugging Face datasets folder) -> an index."""
-    from latentrag.retrieval.index.importers import (
-        IMPORT_CHUNK_SIZE,
-        document_encoder_identity,
-        import_dpr_embeddings,
-        import_hf_dataset,
-    )
+    from latentrag.retrieval.index.importers import IMPORT_CHUNK_SIZE, import_index
 
-    if bool(args.dpr_embeddings) == bool(args.hf_dataset):
-        raise LatentRagError("give either --dpr-embeddings GLOB with --passages TSV, or --hf-dataset DIR")
-    if args.dpr_embeddings and not args.passages:
-        raise LatentRagError("--dpr-embeddings needs --passages psgs_w100.tsv (the passages the vectors encode)")
-    identity = document_encoder_identity(args.encoder_name, load=not args.no_load_encoder)
-    options = dict(index_type=args.index_type, exact_vectors=args.exact_vectors, resume=args.resume,
-                   chunk_size=args.chunk_size or IMPORT_CHUNK_SIZE, progress=not args.quiet,
-                   encoder_source=str(Path(args.encoder_name).resolve()) if Path(args.encoder_name).exists()
-                   else args.encoder_name)
-    if args.dpr_embeddings:
-        index = import_dpr_embeddings(args.dpr_embeddings, args.passages, args.out, identity, **options)
-    else:
-        index = import_hf_dataset(args.hf_dataset, args.out, identity, **options)
-    note = "" if identity.get("verified", True) else " (encoder recorded by name only: its weights were not loaded)"
+    index = import_index(args.out, args.encoder_name, dpr_embeddings=args.dpr_embeddings, passages=args.passages,
+                         hf_dataset=args.hf_dataset, load_encoder=not args.no_load_encoder,
+                         index_type=args.index_type, exact_vectors=args.exact_vectors, resume=args.resume,
+                         chunk_size=args.chunk_size or IMPORT_CHUNK_SIZE, progress=not args.quiet)
+    named = index.manifest.encoder.get("verified", True)
+    note = "" if named else " (encoder recorded by name only: its weights were not loaded)"
     print(f"imported {index.manifest.index_type} index of {len(index)} passages (dim {index.dim}) into {args.out}"
           f"{note}", file=sys.stderr)
     return 0

@@ -244,7 +244,7 @@ class _Import:
             )
         params = default_params(self.index_type, count, dim)
         manifest = Manifest(
-            encoder=dict(encoder_identity), dim=dim, count=count, index_type=self.index_type,
+            encoder={**encoder_identity, "dim": dim}, dim=dim, count=count, index_type=self.index_type,
             factory=factory_string(self.index_type, params), version=__version__, params=params,
             exact_vectors=self.exact, corpus=corpus, encoder_source=encoder_source or encoder_identity.get("name"),
             build_id=self.state["build_id"],
@@ -562,3 +562,38 @@ def document_encoder_identity(name: str, dim: int | None = None, *, load: bool =
             pass
     return {"name": name, "sha256": f"unverified-name:{name}", "dim": dim, "pooling": "pooler", "normalize": False,
             "verified": False}
+
+
+def import_index(
+    out: str | Path,
+    encoder_name: str,
+    *,
+    dpr_embeddings: str | Path | Iterable[str | Path] | None = None,
+    passages: str | Path | None = None,
+    hf_dataset: str | Path | None = None,
+    load_encoder: bool = True,
+    index_type: str = "flat",
+    exact_vectors: bool | None = None,
+    resume: bool = False,
+    chunk_size: int = IMPORT_CHUNK_SIZE,
+    progress: bool = True,
+) -> DenseIndex:
+    """`latentrag index import`: DPR shards + passages TSV, or a HF datasets folder, into an index at `out`,
+    recording `encoder_name` (fingerprinted from its weights when `load_encoder` and it loads) as the
+    document tower. Inputs and the target are checked before anything is read."""
+    if (dpr_embeddings is None) == (hf_dataset is None):
+        raise LatentRagError("give either --dpr-embeddings GLOB with --passages TSV, or --hf-dataset DIR")
+    if dpr_embeddings is not None and not passages:
+        raise LatentRagError("--dpr-embeddings needs --passages psgs_w100.tsv (the passages the vectors encode)")
+    from latentrag.retrieval.index.build import check_index_target
+    from latentrag.retrieval.index_plan import index_type as _index_type
+
+    check_index_target(out)
+    _index_type(index_type)
+    identity = document_encoder_identity(encoder_name, load=load_encoder)
+    local = Path(encoder_name).expanduser()
+    options = dict(index_type=index_type, exact_vectors=exact_vectors, resume=resume, chunk_size=chunk_size,
+                   progress=progress, encoder_source=str(local.resolve()) if local.exists() else encoder_name)
+    if dpr_embeddings is not None:
+        return import_dpr_embeddings(dpr_embeddings, passages, out, identity, **options)
+    return import_hf_dataset(hf_dataset, out, identity, **options)
