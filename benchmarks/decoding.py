@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from latentrag.defaults import PASSAGE_WORDS
 from latentrag.generation.decoding import DecodeOptions, rag_sequence_decode, rag_token_decode
 from latentrag.generation.generators import Seq2SeqGenerator
 from latentrag.marginals import retrieval_log_prior
@@ -88,7 +89,7 @@ def random_bart(size: str, tokenizer, seed: int = 0) -> Seq2SeqGenerator:
 
 def passages(n: int) -> list[Passage]:
     out = []
-    for p in split_passages(read_corpus("wiki-leads"), words=100):
+    for p in split_passages(read_corpus("wiki-leads"), words=PASSAGE_WORDS):
         if len(p.text.split()) >= 95:  # long enough to fill 128 tokens: every context has one length
             out.append(p)
         if len(out) == n:

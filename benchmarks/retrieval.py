@@ -28,6 +28,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from latentrag.defaults import PASSAGE_WORDS
 from latentrag.retrieval.corpus import Passage, read_corpus, split_passages, write_passage_store
 from latentrag.retrieval.index import (
     DenseIndex,
@@ -81,7 +82,7 @@ def wiki_vectors(encoder, encode_limit: int | None, log) -> tuple[np.ndarray, li
             n = len(index)
             vectors = index.reconstruct(np.arange(n)[:, None])[:, 0]
             return np.ascontiguousarray(vectors), index.store.get(range(n)), f"cached index {cached}"
-    passages = list(split_passages(read_corpus("wiki-leads"), words=100))[:encode_limit]
+    passages = list(split_passages(read_corpus("wiki-leads"), words=PASSAGE_WORDS))[:encode_limit]
     log(f"encoding {len(passages)} wiki-leads passages (no cached default index)")
     vectors = encode_passages(encoder, [p.title for p in passages], [p.text for p in passages])
     return vectors, passages, "encoded in this run"

@@ -15,6 +15,7 @@ from latentrag.errors import LatentRagError
 from latentrag.generation.decoding import (
     DecodeOptions,
     PerDocument,
+    TokenMarginal,
     marginal_logprobs,
     rag_sequence_decode,
     rag_token_decode,
@@ -242,6 +243,21 @@ def test_lengths_and_end_of_sequence(generator, batch, log_prior):
                 assert 5 <= len(d.token_ids) <= 7 or (len(d.token_ids) == 7 and eos not in d.token_ids)
                 assert eos not in d.token_ids[:-1]
                 assert len(d.token_ids) == 7 or d.token_ids[-1] == eos
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("per_document", [True, False])
+def test_search_never_writes_into_the_log_probs_it_was_handed(num_beams, per_document, generator, batch, log_prior):
+    """min_new_tokens bans </s> in the scores; the first step's log-probs the caller handed in (which
+    RAG-Sequence re-uses for teacher forcing) keep their </s> column."""
+    eos = generator.eos_token_id
+    with torch.inference_mode():
+        state, first = start_answers(generator, batch)
+        kept = first.clone()
+        scorer, groups = (PerDocument(), 2 * K) if per_document else (TokenMarginal(log_prior), 2)
+        hyps = search(generator, state, first, scorer, groups, DecodeOptions(4, min_new_tokens=2, num_beams=num_beams))
+    assert torch.equal(first, kept) and torch.isfinite(first[:, eos]).all()
+    assert all(eos not in hyps.get(g, 0)[0][:2] for g in range(groups))
 
 
 def test_greedy_equals_the_existing_greedy_api(generator, batch, log_prior):

@@ -355,3 +355,38 @@ def test_eval_restores_each_submodule_mode(toy, tmp_path):
         assert model.training and model.retriever.training and not model.generator.model.training
     finally:
         model.eval()
+
+
+def test_evaluation_retrieves_once_per_batch_and_answers_from_that_retrieval(toy, tmp_path, monkeypatch):
+    model, data = toy
+    calls = []
+    real = model.retriever.retrieve
+    monkeypatch.setattr(model.retriever, "retrieve", lambda questions, k: calls.append(k) or real(questions, k))
+    evaluate(model, settings(data), tmp_path / "run", progress=False)
+    assert calls == [6, 6, 6]  # 8 questions in batches of 3, each retrieved once at depth max(recall_ks, k)
+    for r in read_predictions(tmp_path / "run" / PREDICTIONS):
+        assert [p["id"] for p in r["passages"]] == [p["id"] for p in r["retrieved"][:3]]
+
+
+def test_unset_settings_come_from_the_models_config(toy, tmp_path, monkeypatch):
+    from latentrag.model import RagConfig, RagModel
+
+    base, data = toy
+    trained = RagModel(base.retriever, base.generator, RagConfig(mode="sequence", k=2, num_beams=2, max_new_tokens=3))
+    result = evaluate(trained, EvalSettings(dataset=str(data), limit=2, recall_ks=(1, 2)), tmp_path / "run",
+                      progress=False)
+    assert result["label"] == "RAG-Sequence (thorough, 2 beams, k=2)"
+    assert {key: result["settings"][key] for key in ("mode", "k", "num_beams", "max_new_tokens")} == {
+        "mode": "sequence", "k": 2, "num_beams": 2, "max_new_tokens": 3}
+    assert all(len(r["passages"]) == 2 for r in read_predictions(tmp_path / "run" / PREDICTIONS))
+    # The CLI leaves them unset unless the user gives them.
+    args = cli.build_parser().parse_args(["eval", "--dataset", "x"])
+    assert (args.mode, args.k, args.max_new_tokens, args.beams) == (None, None, None, None)
+    args = cli.build_parser().parse_args(["ask", "a question"])
+    assert (args.mode, args.k, args.max_new_tokens, args.beams) == (None, None, None, None)
+    monkeypatch.setattr(cli, "load_model", lambda args: trained)
+    assert cli.main(["eval", "--dataset", str(data), "--limit", "1", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / METRICS).read_text())["label"] == "RAG-Sequence (thorough, 2 beams, k=2)"
+    assert cli.main(["eval", "--dataset", str(data), "--limit", "1", "--mode", "token", "--k", "1",
+                     "--out", str(tmp_path / "cli-token")]) == 0
+    assert json.loads((tmp_path / "cli-token" / METRICS).read_text())["label"] == "RAG-Token (greedy, k=1)"

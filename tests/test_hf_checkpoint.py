@@ -209,10 +209,3 @@ def test_cli_refuses_a_device_that_is_not_there(corpus, tmp_path, capsys):
                  str(corpus.index.directory), "--document-encoder", corpus.ctx_dir, "--device", "nodevice"])
     assert code == 2 and "device" in capsys.readouterr().err
 
-
-def test_model_defaults_read_without_loading(tmp_path, corpus):
-    from latentrag.loading import model_defaults
-
-    assert model_defaults(save_checkpoint(tmp_path / "seq", "sequence", 16)) == ("sequence", K)
-    assert model_defaults(save_checkpoint(tmp_path / "tok", "token", 16)) == ("token", K)
-    assert model_defaults(None) == ("token", 5)

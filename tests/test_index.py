@@ -404,8 +404,9 @@ def test_hot_swap_while_retrieving_and_mismatched_encoder_refused(tmp_path, tiny
                 errors.append(e)
                 return
 
-    worker = threading.Thread(target=retrieve_forever)
-    worker.start()
+    workers = [threading.Thread(target=retrieve_forever) for _ in range(3)]
+    for worker in workers:
+        worker.start()
     try:
         for i in range(6):
             time.sleep(0.05)
@@ -413,7 +414,8 @@ def test_hot_swap_while_retrieving_and_mismatched_encoder_refused(tmp_path, tiny
     finally:
         time.sleep(0.05)
         stop.set()
-        worker.join()
+        for worker in workers:
+            worker.join()
     assert not errors, errors
     assert len(seen) > 0
 
@@ -424,6 +426,76 @@ def test_hot_swap_while_retrieving_and_mismatched_encoder_refused(tmp_path, tiny
     with pytest.raises(LatentRagError, match="built by document encoder 'tiny-bert-1'.*rebuild the index"):
         model.swap_index(c.directory)
     assert retriever.index is current  # the refused index did not replace the current one
+
+
+# ---- the searcher protocol and pickling ----------------------------------------------------------------
+class DelegatingSearcher:
+    """Another searcher (as a Ray shard fan-out would be): only the protocol's members, over a DenseIndex."""
+
+    def __init__(self, index):
+        self.inner, self.manifest, self.calls = index, index.manifest, 0
+
+    @property
+    def dim(self):
+        return self.inner.dim
+
+    def __len__(self):
+        return len(self.inner)
+
+    def search_with_vectors(self, queries, k):
+        self.calls += 1
+        return self.inner.search_with_vectors(queries, k)
+
+    def passages(self, ids):
+        return self.inner.passages(ids)
+
+
+def test_search_with_vectors_is_search_plus_reconstruct_and_any_searcher_serves(tmp_path, tiny, tiny_dir, corpus):
+    from latentrag.retrieval.searcher import Searcher
+
+    index = build_index(passages_of(corpus), tiny, tmp_path / "hnsw", index_type="hnsw", progress=False)
+    queries = tiny.encode(["Who wrote about music?", "What is a planet?"]).numpy()
+    scores, ids, vectors = index.search_with_vectors(queries, 4)
+    ref_scores, ref_ids = index.search(queries, 4)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(scores, ref_scores)
+    np.testing.assert_array_equal(vectors, index.reconstruct(ids))
+    assert isinstance(index, Searcher)
+
+    query = DenseEncoder.from_pretrained(str(tiny_dir))
+    other = DelegatingSearcher(index)
+    with torch.no_grad():
+        ours = Retriever(query, tiny.identity(), index).retrieve(["What is a planet?"], 3)
+        theirs = Retriever(query, tiny.identity(), other).retrieve(["What is a planet?"], 3)
+    assert other.calls == 1
+    np.testing.assert_array_equal(ours.ids, theirs.ids)
+    assert torch.equal(ours.scores, theirs.scores) and ours.passages == theirs.passages
+    with pytest.raises(LatentRagError, match="not a searcher"):
+        Retriever(query, tiny.identity(), object())
+
+
+def test_index_and_retriever_pickle_and_deepcopy(tmp_path, tiny, tiny_dir, corpus):
+    import copy
+    import pickle
+
+    index = build_index(passages_of(corpus), tiny, tmp_path / "hnsw", index_type="hnsw", progress=False)
+    index.set_search_params(ef_search=7)
+    retriever = Retriever(DenseEncoder.from_pretrained(str(tiny_dir)), tiny.identity(), index)
+    questions = ["Who wrote about music?", "What is a planet?"]
+    with torch.no_grad():
+        expected = retriever.retrieve(questions, 5)
+    for clone in (pickle.loads(pickle.dumps(retriever)), copy.deepcopy(retriever)):
+        assert clone.index is not index and clone.index.search_params == {**index.search_params, "efSearch": 7}
+        assert faiss.downcast_index(clone.index.faiss).hnsw.efSearch == 7
+        with torch.no_grad():
+            got = clone.retrieve(questions, 5)
+        np.testing.assert_array_equal(got.ids, expected.ids)
+        assert torch.equal(got.scores, expected.scores) and got.passages == expected.passages
+    pickled = pickle.dumps(index)
+    add_to_index(index.directory, passages_of(write_corpus(tmp_path / "more.jsonl", 3, prefix="m-", start=500)),
+                 tiny, progress=False)
+    with pytest.raises(LatentRagError, match="changed since this index was pickled"):
+        pickle.loads(pickled)
 
 
 def test_swap_refuses_other_dimension(tmp_path, tiny, tiny_dir, corpus):

@@ -119,3 +119,48 @@ def test_gradient_flows_to_retrieval_scores():
     p1 = math.exp(1) / (math.exp(1) + 1)
     post1 = p1 * 0.9 / (p1 * 0.9 + (1 - p1) * 0.1)
     assert scores.grad[0, 0].item() == pytest.approx(p1 - post1, rel=1e-10)
+
+
+def test_minus_infinity_at_a_padded_position_is_not_nan():
+    # the case: [-1, -inf] with mask [1, 0] summed to NaN (0 · −inf) before padding used masked_fill
+    tok = torch.tensor([[[-1.0, float("-inf")]]], dtype=torch.float64)
+    for mask in (torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.tensor([[True, False]])):
+        assert m.sequence_log_likelihood(tok, mask).item() == -1.0
+        assert m.rag_token_log_likelihood(torch.zeros(1, 1, dtype=torch.float64), tok, mask).item() == -1.0
+
+
+@pytest.mark.parametrize("loss", [m.rag_sequence_loss, m.rag_token_loss])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_losses_and_gradients_finite_with_minus_infinity_at_padded_positions(loss, epsilon):
+    torch.manual_seed(2)
+    scores = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(2, 3, 4, 7, dtype=torch.float64)
+    targets = torch.tensor([[1, 2, 3, 0], [6, 5, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float64)
+    clean = torch.log_softmax(logits, -1)
+    # padded positions hold −inf in every vocabulary entry under every document (the worst case)
+    poisoned = clean.masked_fill((mask == 0)[:, None, :, None], float("-inf")).requires_grad_(True)
+    got = loss(m.retrieval_log_prior(scores), poisoned, targets, mask, epsilon)
+    assert torch.isfinite(got).all()
+    # the padded positions contribute nothing: same value as with finite junk there
+    assert torch.allclose(got, loss(m.retrieval_log_prior(scores), clean, targets, mask, epsilon))
+    got.sum().backward()
+    assert torch.isfinite(scores.grad).all() and torch.isfinite(poisoned.grad).all()
+    assert (poisoned.grad[(mask == 0)[:, None, :, None].expand_as(poisoned)] == 0).all()
+
+
+def test_rag_sequence_smoothing_acts_as_a_hard_max_over_documents():
+    # V = 2000 entries each carrying log p(z|x): a prior gap of 0.1 is 200 nats, so the smoothing term equals
+    # the top-prior document's term alone, and its gradient raises that document's log-prior (weight ε).
+    eps, vocab_size = 0.1, 2000
+    scores = torch.tensor([[0.1, 0.0]], dtype=torch.float64, requires_grad=True)
+    vocab = torch.log_softmax(torch.zeros(1, 2, 1, vocab_size, dtype=torch.float64), -1)
+    prior = m.retrieval_log_prior(scores)
+    smooth_top = vocab_size * prior[0, 0] + vocab[0, 0].sum()
+    got = m.rag_sequence_loss(prior, vocab, torch.tensor([[0]]), torch.ones(1, 1, dtype=torch.float64), eps)
+    nll = -math.log(math.fsum(prior[0].exp().tolist()) / vocab_size)
+    assert got.item() == pytest.approx((1 - eps) * nll - eps / vocab_size * smooth_top.item(), rel=1e-12)
+    got.backward()
+    p_top = prior[0, 0].exp().item()
+    # d/ds_1 of −(ε/V)·V·log p(z1|x) = −ε(1 − p1); the likelihood term (uniform generator) adds nothing
+    assert scores.grad[0, 0].item() == pytest.approx(-eps * (1 - p_top), rel=1e-9)

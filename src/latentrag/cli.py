@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER
+from latentrag.defaults import DEFAULT_K, PASSAGE_WORDS
 from latentrag.errors import LatentRagError, LatentRagWarning
 
 SAMPLE_QUESTIONS = [
@@ -146,19 +148,17 @@ def cmd_eval(args) -> int:
         return 0
     if not args.dataset:
         raise LatentRagError("give --dataset NAME|PATH.jsonl to evaluate, or --predictions FILE to re-score")
-    from latentrag.loading import model_defaults
-
-    mode, k_default = model_defaults(getattr(args, "model", None))  # a HF RAG checkpoint's class and n_docs
     runs = [
         EvalSettings(
-            dataset=args.dataset, mode=args.mode or mode, decoding=args.decoding, num_beams=args.beams, k=k,
+            dataset=args.dataset, mode=args.mode, decoding=args.decoding, num_beams=args.beams, k=k,
             closed_book=args.closed_book, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             answerable_only=args.answerable_only, limit=args.limit,
         )
-        for k in args.k or [k_default]
+        for k in args.k or [None]  # None here and below: the model's (its RagConfig)
     ]  # settings are checked before the model loads, and so is the data:
     load_dataset(args.dataset)
     model = load_model(args)
+    runs = [run.resolved(model.config) for run in runs]
     base = Path(args.out) if args.out else default_run_dir(runs[0])
     results = evaluate_sweep(model, runs, base, resume=args.resume)
     for run, result in zip(runs, results, strict=True):
@@ -172,7 +172,7 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     model = load_model(args)
-    for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=5):
+    for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=DEFAULT_K):
         print(f"Q: {answer.question}\nA: {answer.text}")
         for p, prob in zip(answer.passages[:3], answer.doc_probs[:3], strict=True):
             print(f"   p(z|x)={prob:.3f}  {p.title}")
@@ -189,17 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build and inspect dense indexes").add_subparsers(dest="index_command",
                                                                                             required=True)
     build = index.add_parser("build", help="encode a corpus into an index folder")
-    from latentrag.retrieval.corpus import PASSAGE_WORDS
     from latentrag.retrieval.index import CHUNK_SIZE
     from latentrag.retrieval.index_plan import INDEX_TYPES
 
     corpus_help = "'wiki-leads', a .jsonl/.tsv/.csv file, or a folder of .txt/.md files"
-    build.add_argument("--corpus", default="wiki-leads", help=corpus_help)
+    build.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help)
     build.add_argument("--out", default=None,
                        help="index folder (default: the cache, CACHE/indexes/CORPUS-ENCODER-TYPE)")
     build.add_argument("--index-type", default="flat", choices=list(INDEX_TYPES))
     build.add_argument("--passage-words", type=int, default=PASSAGE_WORDS)
-    build.add_argument("--encoder", default="minilm", help="document tower (default: bundled MiniLM)")
+    build.add_argument("--encoder", default=DEFAULT_ENCODER, help="document tower (default: bundled MiniLM)")
     build.add_argument("--batch-size", type=int, default=64)
     build.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="passages encoded per saved chunk")
     build.add_argument("--resume", action="store_true", help="continue an interrupted build from its last chunk")
@@ -250,12 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question and show the passages it came from")
     ask.add_argument("question")
-    ask.add_argument("--mode", choices=["token", "sequence"], default=None, help="default: the model's (token)")
+    ask.add_argument("--mode", choices=["token", "sequence"], default=None,
+                     help="RAG-Token or RAG-Sequence (default: the model's, token for the bundled models)")
     ask.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"], default=None,
                      help="token: greedy (default) | beam; sequence: thorough (default) | fast")
-    ask.add_argument("--beams", type=int, default=None, help="beam size (default: 1 for greedy, else 4)")
-    ask.add_argument("--k", type=int, default=None, help="passages retrieved and marginalised over (default: the model's)")
-    ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: model's)")
+    ask.add_argument("--beams", type=int, default=None,
+                     help="beam size (default: 1 for greedy, else the model's num_beams, 4 for the bundled models)")
+    ask.add_argument("--k", type=int, default=None,
+                     help="passages retrieved and marginalised over (default: the model's, 5 for the bundled models)")
+    ask.add_argument("--max-new-tokens", type=int, default=None,
+                     help="answer length limit (default: the model's, 32 for the bundled models)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     ask.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name (default: bundled models)")
     ask.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")
@@ -278,13 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answerable-only", action="store_true",
                     help="keep questions with a gold answer in some passage of the index")
     ev.add_argument("--limit", type=int, default=None, help="first N questions (after the answerable filter)")
-    ev.add_argument("--mode", choices=["token", "sequence"], default=None, help="default: the model's (token)")
+    ev.add_argument("--mode", choices=["token", "sequence"], default=None,
+                    help="RAG-Token or RAG-Sequence (default: the model's, token for the bundled models)")
     ev.add_argument("--decoding", default=None,
                     help="greedy|beam (token, default greedy), thorough|fast (sequence, default thorough)")
-    ev.add_argument("--beams", type=int, default=None, help="beams (default: 1 for greedy, else the model's)")
-    ev.add_argument("--k", type=int, nargs="+", default=None, help="passages per question; several = a sweep")
+    ev.add_argument("--beams", type=int, default=None,
+                    help="beams (default: 1 for greedy, else the model's num_beams, 4 for the bundled models)")
+    ev.add_argument("--k", type=int, nargs="+", default=None,
+                    help="passages per question; several = a sweep (default: the model's, 5 for the bundled models)")
     ev.add_argument("--closed-book", action="store_true", help="the generator alone, no retrieval")
-    ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="answer length limit (default: the model's, 32 for the bundled models)")
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -31,23 +31,3 @@ def load_model(model: str | Path | None = None, index: str | Path | None = None,
             raise LatentRagError(f"cannot move the model to device '{device}': {e}") from e
     return loaded
 
-
-def model_defaults(model: str | Path | None = None) -> tuple[str, int]:
-    """(mode, k) a model runs with unless told otherwise, read from its config without loading weights:
-    a saved latentrag model's rag_config.json, a HF RAG checkpoint's class and n_docs, else RagConfig's."""
-    import json
-
-    from latentrag import hf_rag
-    from latentrag.model import CONFIG_FILE, RagConfig
-
-    default = RagConfig()
-    if not model:
-        return default.mode, default.k
-    saved = Path(model).expanduser() / CONFIG_FILE
-    if saved.exists():
-        values = json.loads(saved.read_text())
-        return values.get("mode", default.mode), int(values.get("k", default.k))
-    config = hf_rag.hf_rag_config(model)
-    if config is None:
-        return default.mode, default.k  # loading the model will say what is wrong with it
-    return hf_rag.checkpoint_mode(config), int(config.n_docs)

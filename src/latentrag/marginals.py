@@ -3,14 +3,18 @@
 Notation (Lewis et al., 2020, §2): x the input, z a retrieved passage (the latent variable), y the output
 of N tokens. Shapes: B questions, k retrieved passages each, T target positions, V vocabulary.
 
-    (1) retriever        p_η(z|x) ∝ exp(d(z)ᵀ q(x))                     (softmax over the top-k)
+    (1) retriever        p_η(z|x) ∝ exp(s · d(z)ᵀ q(x))                 (softmax over the top-k; s = 1 in the paper)
     (2) RAG-Sequence     p(y|x) ≈ Σ_z p_η(z|x) Π_i p_θ(y_i | x, z, y_<i)
     (3) RAG-Token        p(y|x) ≈ Π_i Σ_z p_η(z|x) p_θ(y_i | x, z, y_<i)
     (4) training loss    L = Σ_j −log p(y_j | x_j)                       (we report the batch mean)
 
 Every product is a sum of logs and every sum of probabilities a `logsumexp`: nothing here multiplies
 probabilities, so 100-token answers under 50 passages do not underflow. Padding positions carry
-`mask == 0` and contribute log 1 = 0.
+`mask == 0` (any dtype: bool, int or float) and contribute log 1 = 0. They are removed with
+`masked_fill`, never by multiplying by the mask: a padded position may hold −inf (a generator that
+bans tokens, a logit masked to −inf), and 0·(−inf) is NaN. Where a padded position would reach a
+`logsumexp` over documents (RAG-Token), its log-probs are replaced by 0 *before* the sum, so the
+backward pass stays finite too (logsumexp's gradient at an all −inf input is NaN, even times 0).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from torch import Tensor
 
 
 def retrieval_log_prior(scores: Tensor) -> Tensor:
-    """Eq. (1): log p_η(z|x) = d(z)ᵀq(x) − logsumexp over the top-k. scores (B,k) -> (B,k)."""
+    """Eq. (1): log p_η(z|x) = s·d(z)ᵀq(x) − logsumexp over the top-k. scores (B,k) -> (B,k).
+
+    The scores arrive already scaled: s = exp(log_scale) is the retriever's (1 = the paper's form, right for
+    un-normalised towers such as DPR; unit-vector towers need s > 1 for p(z|x) to be far from uniform)."""
     return torch.log_softmax(scores, dim=-1)
 
 
@@ -30,9 +37,14 @@ def gather_targets(vocab_logprobs: Tensor, targets: Tensor) -> Tensor:
     return vocab_logprobs.gather(-1, index).squeeze(-1)
 
 
+def padding(mask: Tensor) -> Tensor:
+    """The positions to drop: True where mask == 0. mask (B,T) of any dtype -> bool (B,T)."""
+    return mask == 0
+
+
 def sequence_log_likelihood(token_logprobs: Tensor, mask: Tensor) -> Tensor:
     """log p_θ(y | x, z) = Σ_i log p_θ(y_i | x, z, y_<i), per document. (B,k,T), mask (B,T) -> (B,k)."""
-    return (token_logprobs * mask.unsqueeze(1)).sum(-1)
+    return token_logprobs.masked_fill(padding(mask).unsqueeze(1), 0.0).sum(-1)
 
 
 def rag_sequence_log_likelihood(log_prior: Tensor, token_logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -52,7 +64,9 @@ def rag_token_log_marginal(log_prior: Tensor, logprobs: Tensor) -> Tensor:
 
 def rag_token_log_likelihood(log_prior: Tensor, token_logprobs: Tensor, mask: Tensor) -> Tensor:
     """Eq. (3): log p(y|x) = Σ_i logsumexp_z [ log p_η(z|x) + log p_θ(y_i|x,z,y_<i) ]. -> (B,)"""
-    return (rag_token_log_marginal(log_prior, token_logprobs) * mask).sum(-1)
+    pad = padding(mask)
+    marginal = rag_token_log_marginal(log_prior, token_logprobs.masked_fill(pad.unsqueeze(1), 0.0))
+    return marginal.masked_fill(pad, 0.0).sum(-1)
 
 
 def smoothed_nll(log_likelihood: Tensor, smooth_log_sum: Tensor, epsilon: float, vocab_size: int) -> Tensor:
@@ -73,13 +87,20 @@ def rag_sequence_loss(
     """Eq. (4) under RAG-Sequence, per example (B,), with optional label smoothing ε.
 
     The smoothing term is logsumexp_z [ V·log p_η(z|x) + Σ_i Σ_v log p_θ(v|x,z,y_<i) ]: each of the V
-    entries of the uniform target carries the document prior once, as y's own term does.
+    entries of the uniform target carries the document prior once, as y's own term does (HF's
+    `RagSequenceForGeneration.get_nll` adds log p_η(z|x) to every vocabulary entry, then sums over V).
+
+    What it does to the prior: with the prior counted V times (V ≈ 50k), documents' terms differ by
+    V·Δlog p_η — thousands of nats for a prior gap of 0.1 — so the logsumexp over documents is in effect
+    a hard max, the term of the single document maximising V·log p_η(z|x) + Σ_i Σ_v log p_θ (almost
+    always the top-prior one). Its gradient raises that document's log-prior with weight ε: smoothing
+    sharpens the retrieval distribution towards its mode; it does not spread mass over the k documents.
     """
     ll = rag_sequence_log_likelihood(log_prior, gather_targets(vocab_logprobs, targets), mask)
     if epsilon == 0.0:
         return -ll
     vocab = vocab_logprobs.shape[-1]
-    smooth_per_doc = (vocab_logprobs.sum(-1) * mask.unsqueeze(1)).sum(-1)  # (B,k)
+    smooth_per_doc = vocab_logprobs.sum(-1).masked_fill(padding(mask).unsqueeze(1), 0.0).sum(-1)  # (B,k)
     smooth = torch.logsumexp(vocab * log_prior + smooth_per_doc, dim=1)
     return smoothed_nll(ll, smooth, epsilon, vocab)
 
@@ -88,11 +109,12 @@ def rag_token_loss(
     log_prior: Tensor, vocab_logprobs: Tensor, targets: Tensor, mask: Tensor, epsilon: float = 0.0
 ) -> Tensor:
     """Eq. (4) under RAG-Token, per example (B,): ordinary label smoothing of the per-token marginal p'."""
-    marginal = rag_token_log_marginal(log_prior, vocab_logprobs)  # (B,T,V)
-    ll = (marginal.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+    pad = padding(mask)
+    marginal = rag_token_log_marginal(log_prior, vocab_logprobs.masked_fill(pad[:, None, :, None], 0.0))  # (B,T,V)
+    ll = marginal.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(pad, 0.0).sum(-1)
     if epsilon == 0.0:
         return -ll
-    smooth = (marginal.sum(-1) * mask).sum(-1)
+    smooth = marginal.sum(-1).masked_fill(pad, 0.0).sum(-1)
     return smoothed_nll(ll, smooth, epsilon, marginal.shape[-1])
 
 

@@ -4,24 +4,32 @@
     model.loss(questions, answers, mode="token")            # −mean log p(y|x), eq. (3)/(4)
     model.generate(questions, mode="token")                  # answers with their evidence
     model.swap_index(new_index_dir)                          # new knowledge, no retraining
+
+    retrieved = model.retrieve(questions, k=20)              # retrieve once (here, or on another machine)
+    model.generate(questions, retrieved=retrieved.top(5))    # ... and answer from those passages
+
+The model pickles and deep-copies (the index re-opens from its folder), for Ray actors and spawned workers.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from latentrag.assets import DEFAULT_ENCODER, DEFAULT_GENERATOR
+from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.generation.generators import Generator, load_generator
-from latentrag.rag_types import rag_type
+from latentrag.rag_types import DEFAULT_NUM_BEAMS, rag_type
 from latentrag.retrieval.corpus import Passage
 from latentrag.retrieval.encoders import DenseEncoder, freeze
 from latentrag.retrieval.index import DenseIndex
-from latentrag.retrieval.retriever import RetrievedBatch, Retriever
+from latentrag.retrieval.retriever import RetrievedBatch, Retriever, check_questions
+from latentrag.retrieval.searcher import Searcher
 
 CONFIG_FILE = "rag_config.json"
 
@@ -30,14 +38,17 @@ CONFIG_FILE = "rag_config.json"
 class RagConfig:
     """Plain values with defaults: what to build a RagModel from and how to run it."""
 
-    query_encoder: str = "minilm"
-    document_encoder: str = "minilm"  # the frozen tower that builds indexes this model can use
-    generator: str = "smollm2"
+    query_encoder: str = DEFAULT_ENCODER
+    document_encoder: str = DEFAULT_ENCODER  # the frozen tower that builds indexes this model can use
+    generator: str = DEFAULT_GENERATOR
     mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence)
-    k: int = 5
+    k: int = DEFAULT_K
     label_smoothing: float = 0.0
-    max_new_tokens: int = 32
+    max_new_tokens: int = MAX_NEW_TOKENS
+    num_beams: int = DEFAULT_NUM_BEAMS  # beams of 'beam', 'thorough' and 'fast' decoding (greedy uses one)
     max_input_length: int = 512
+    retrieval_scale: float = 1.0  # s in p(z|x) ∝ exp(s · d(z)ᵀq(x)); 1 = the paper's eq. (1); saved as learned
+    learn_retrieval_scale: bool = False  # train s (as log s) with the query tower
     document_encoder_identity: dict = field(default_factory=dict)
 
 
@@ -77,31 +88,62 @@ class Answer:
 
 
 class RagModel(nn.Module):
-    def __init__(self, retriever: Retriever, generator: Generator, config: RagConfig):
+    """Retriever p_η(z|x) + generator p_θ(y_i|x,z,y_<i) + the frozen document tower d(z) that built the index.
+
+    `document_tower` is a registered child (in `state_dict()`, carried by `.to()` and DDP) that is None
+    until loaded (`document_encoder()`; only index building needs it). It stays frozen: it receives no
+    gradients, `train()` leaves it in eval mode and `requires_grad_()` leaves it without gradients, and
+    `save_pretrained` does not save it (the config names it and records its identity).
+    """
+
+    def __init__(self, retriever: Retriever, generator: Generator, config: RagConfig,
+                 document_tower: DenseEncoder | None = None):
         super().__init__()
         self.retriever, self.generator, self.config = retriever, generator, config
-        self._document_encoder: DenseEncoder | None = None
+        self.register_module("document_tower", None if document_tower is None else freeze(document_tower))
+
+    def train(self, mode: bool = True) -> RagModel:
+        """Training mode for the query tower and the generator; the frozen document tower stays in eval."""
+        super().train(mode)
+        if self.document_tower is not None:
+            self.document_tower.eval()
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> RagModel:
+        """As nn.Module's, except that the frozen document tower never requires gradients."""
+        super().requires_grad_(requires_grad)
+        if self.document_tower is not None:
+            self.document_tower.requires_grad_(False)
+        return self
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_components(
-        cls, index: str | Path | DenseIndex | None = None, config: RagConfig | None = None, **overrides
+        cls, index: str | Path | Searcher | None = None, config: RagConfig | None = None, **overrides
     ) -> RagModel:
-        """Build from encoder/generator names or paths; by default the bundled MiniLM towers and SmolLM2."""
-        config = config or RagConfig(**overrides)
-        document_encoder = None
+        """Build from encoder/generator names or paths; by default the bundled MiniLM towers and SmolLM2.
+
+        `overrides` (RagConfig fields) apply on top of `config` (or of the defaults): a copy is changed,
+        never the caller's config.
+        """
+        known = {f.name for f in fields(RagConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise LatentRagError(f"unknown RagConfig field(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
+        config = replace(config or RagConfig(), **overrides)
+        document_tower = None
         if not config.document_encoder_identity:  # a new model pairs with the tower named in its config
-            document_encoder = freeze(DenseEncoder.from_pretrained(config.document_encoder))
-            config.document_encoder_identity = document_encoder.identity()
-        retriever = Retriever(DenseEncoder.from_pretrained(config.query_encoder), config.document_encoder_identity)
-        model = cls(retriever, load_generator(config.generator, config.max_input_length), config)
-        model._document_encoder = document_encoder
+            document_tower = freeze(DenseEncoder.from_pretrained(config.document_encoder))
+            config.document_encoder_identity = document_tower.identity()
+        retriever = Retriever(DenseEncoder.from_pretrained(config.query_encoder), config.document_encoder_identity,
+                              scale=config.retrieval_scale, learn_scale=config.learn_retrieval_scale)
+        model = cls(retriever, load_generator(config.generator, config.max_input_length), config, document_tower)
         if index is not None:
             model.swap_index(index)
         return model
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, index: str | Path | DenseIndex | None = None,
+    def from_pretrained(cls, directory: str | Path, index: str | Path | Searcher | None = None,
                         **hf_options) -> RagModel:
         """A saved latentrag model, or a Hugging Face RAG checkpoint (folder or hub name; see `latentrag.hf_rag`,
         whose `document_encoder=` option names the tower that made the index's vectors)."""
@@ -121,22 +163,27 @@ class RagModel(nn.Module):
         return cls.from_components(index=index, config=config)
 
     def save_pretrained(self, directory: str | Path) -> None:
+        """The query tower, the generator and the config (with the retrieval scale as it is now)."""
         from latentrag.atomic import atomic_dir
 
+        config = replace(self.config, retrieval_scale=self.retriever.scale)
         with atomic_dir(directory) as tmp:
             self.retriever.query_encoder.save_pretrained(tmp / "query_encoder")
             self.generator.save_pretrained(tmp / "generator")
-            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
 
     def document_encoder(self) -> DenseEncoder:
-        """The frozen document tower (loaded on first use: only index building needs it)."""
-        if self._document_encoder is None:
-            self._document_encoder = freeze(DenseEncoder.from_pretrained(self.config.document_encoder))
-        return self._document_encoder
+        """The frozen document tower (loaded on first use, on the query tower's device: only index building
+        needs it)."""
+        if self.document_tower is None:
+            tower = freeze(DenseEncoder.from_pretrained(self.config.document_encoder))
+            self.document_tower = tower.to(self.retriever.query_encoder.device)
+        return self.document_tower
 
-    def swap_index(self, index: str | Path | DenseIndex) -> None:
-        """Replace the knowledge without retraining (paper §4.5): later calls use the new index."""
-        self.retriever.swap_index(index if isinstance(index, DenseIndex) else DenseIndex.load(index))
+    def swap_index(self, index: str | Path | Searcher) -> None:
+        """Replace the knowledge without retraining (paper §4.5): later calls use the new index. A path opens
+        a `DenseIndex`; any `Searcher` (a Ray shard fan-out, an imported index) is used as it is."""
+        self.retriever.swap_index(DenseIndex.load(index) if isinstance(index, (str, Path)) else index)
 
     # ---- likelihood and loss ------------------------------------------------------------------------
     def _check(self, mode: str | None, k: int | None) -> tuple[str, int]:
@@ -149,14 +196,28 @@ class RagModel(nn.Module):
     def retrieve(self, questions: list[str], k: int | None = None) -> RetrievedBatch:
         return self.retriever.retrieve(questions, self.config.k if k is None else k)
 
+    def _retrieved(self, questions: list[str] | str, k: int | None, retrieved: RetrievedBatch | None) -> RetrievedBatch:
+        """`retrieved` cut to k (its own k when k is None), checked against the questions; else retrieve."""
+        if retrieved is None:
+            return self.retrieve(questions if isinstance(questions, list) else [questions], k)
+        if not isinstance(retrieved, RetrievedBatch):
+            raise LatentRagError(f"retrieved must be a RetrievedBatch (from model.retrieve), got {type(retrieved).__name__}")
+        if check_questions(questions) != retrieved.questions:
+            raise LatentRagError("the retrieved batch was retrieved for other questions: pass the same questions")
+        return retrieved if k is None else retrieved.top(k)
+
     def forward(self, questions: list[str], answers: list[str], mode: str | None = None, k: int | None = None,
-                epsilon: float | None = None) -> Tensor:
-        """−log p(y|x) per question (B,), differentiable through the generator and the query tower."""
-        mode, k = self._check(mode, k)
+                epsilon: float | None = None, retrieved: RetrievedBatch | None = None) -> Tensor:
+        """−log p(y|x) per question (B,), differentiable through the generator and the query tower.
+
+        `retrieved` (from `retrieve`, here or elsewhere) skips retrieval: its first k passages are used (all
+        of them when k is None); gradients reach the query tower through its scores if they carry any.
+        """
+        mode, k = self._check(mode, k if retrieved is None or k is not None else retrieved.k)
         if len(answers) != len(questions):
             raise LatentRagError(f"{len(questions)} questions but {len(answers)} answers")
         self.generator.check_prompt_budget(questions)
-        retrieved = self.retrieve(questions, k)
+        retrieved = self._retrieved(questions, k, retrieved)
         self.generator.warn_truncation(retrieved.questions, retrieved.passages)
         batch = self.generator.prepare(retrieved.questions, retrieved.passages, answers)
         vocab_logprobs = self.generator.vocab_logprobs(batch)
@@ -164,9 +225,9 @@ class RagModel(nn.Module):
         return rag_type(mode).loss(retrieved.log_prior, vocab_logprobs, batch.targets, batch.target_mask.float(), eps)
 
     def loss(self, questions: list[str], answers: list[str], mode: str | None = None, k: int | None = None,
-             epsilon: float | None = None) -> Tensor:
+             epsilon: float | None = None, retrieved: RetrievedBatch | None = None) -> Tensor:
         """Eq. (4) averaged over the batch: −(1/B) Σ_j log p(y_j|x_j) (label-smoothed by ε if set)."""
-        return self(questions, answers, mode, k, epsilon).mean()
+        return self(questions, answers, mode, k, epsilon, retrieved).mean()
 
     # ---- generation ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -178,23 +239,27 @@ class RagModel(nn.Module):
         num_beams: int | None = None,
         k: int | None = None,
         max_new_tokens: int | None = None,
+        retrieved: RetrievedBatch | None = None,
         **options,
     ) -> list[Answer]:
         """Answer each question; every answer carries its passages, p(z|x) and the posterior over them.
 
         mode 'token' decodes 'greedy' (default) or 'beam'; mode 'sequence' decodes 'thorough' (default) or
-        'fast'. num_beams defaults to 1 for greedy and 4 otherwise. options: min_new_tokens,
-        length_penalty (0 = rank by log p(y|x); Hugging Face uses 1.0), early_stopping (see
-        `latentrag.generation.decoding.DecodeOptions`).
+        'fast'. num_beams defaults to 1 for greedy and to the config's `num_beams` otherwise; mode, k and
+        max_new_tokens to the config's. `retrieved` (from `retrieve`) skips retrieval: its first k passages
+        are used (all of them when k is None). options: min_new_tokens, length_penalty (0 = rank by
+        log p(y|x); Hugging Face uses 1.0), early_stopping (see `latentrag.generation.decoding.DecodeOptions`).
         """
-        mode, k = self._check(mode, k)
+        mode, k = self._check(mode, k if retrieved is None or k is not None else retrieved.k)
         kind = rag_type(mode)
         decoding = decoding or kind.default_decoding
+        if num_beams is None and decoding != "greedy":
+            num_beams = self.config.num_beams
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens  # 0 is refused
         kind.options(decoding, num_beams, {**options, "max_new_tokens": max_new_tokens})  # before retrieving
         questions = questions if isinstance(questions, list) else [questions]
         self.generator.check_prompt_budget(questions)
-        retrieved = self.retrieve(questions, k)
+        retrieved = self._retrieved(questions, k, retrieved)
         self.generator.warn_truncation(retrieved.questions, retrieved.passages)
         batch = self.generator.prepare(retrieved.questions, retrieved.passages)
         log_prior = retrieved.log_prior.float()

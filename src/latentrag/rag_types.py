@@ -11,6 +11,8 @@ from latentrag.errors import LatentRagError
 from latentrag.generation.decoding import Decoded, DecodeOptions, rag_sequence_decode, rag_token_decode
 from latentrag.generation.generators import Generator, GeneratorBatch
 
+DEFAULT_NUM_BEAMS = 4  # beams of 'beam', 'thorough' and 'fast' when neither the call nor the model's config says
+
 
 class RagType:
     name: str
@@ -44,7 +46,8 @@ class RagType:
             )
 
     def options(self, decoding: str, num_beams: int | None, options: dict) -> DecodeOptions:
-        """DecodeOptions for `decoding`: greedy is one beam; the other decodings default to 4 beams."""
+        """DecodeOptions for `decoding`: greedy is one beam; the other decodings default to DEFAULT_NUM_BEAMS
+        (`RagModel.generate` passes its config's `num_beams` instead)."""
         self.check_decoding(decoding)
         if decoding == "greedy":
             if num_beams not in (None, 1):
@@ -54,7 +57,7 @@ class RagType:
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise LatentRagError(f"unknown decoding option(s) {', '.join(unknown)}: choose from {', '.join(known)}")
-        opts = DecodeOptions(num_beams=4 if num_beams is None else num_beams,
+        opts = DecodeOptions(num_beams=DEFAULT_NUM_BEAMS if num_beams is None else num_beams,
                              **{key: value for key, value in options.items() if value is not None})
         opts.check()
         return opts

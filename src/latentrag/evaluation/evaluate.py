@@ -22,20 +22,20 @@ import json
 import os
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from latentrag.assets import cache_dir
 from latentrag.atomic import atomic_write_text
+from latentrag.defaults import MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.evaluation import metrics as M
 from latentrag.evaluation.datasets import DATASETS, QAExample, load_dataset
 
 PREDICTIONS, METRICS, RUN, REPORT = "predictions.jsonl", "metrics.json", "run.json", "report.md"
 RECALL_KS = (1, 5, 10, 20)
-CLOSED_BOOK_INSTRUCTION = "Answer the question with a short phrase."
 
 
 @dataclass
@@ -43,12 +43,12 @@ class EvalSettings:
     """What one evaluation run is: data, model type, decoding. Plain values, saved as run.json."""
 
     dataset: str
-    mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence); ignored when closed_book
+    mode: str | None = None  # "token" (RAG-Token) or "sequence" (RAG-Sequence); None: the model's; ignored when closed_book
     decoding: str | None = None  # None: the mode's default (RAG-Token greedy, RAG-Sequence thorough)
     num_beams: int | None = None  # None: the decoding's default (1 for greedy, else the model's)
-    k: int = 5
+    k: int | None = None  # None: the model's
     closed_book: bool = False
-    max_new_tokens: int = 24
+    max_new_tokens: int | None = None  # None: the model's
     batch_size: int = 4
     answerable_only: bool = False
     limit: int | None = None
@@ -60,18 +60,37 @@ class EvalSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise LatentRagError(f"{name} must be a whole number of at least 1, got {value!r}")
-        if not self.closed_book and self.decoding is None:
+        if not self.closed_book and self.decoding is None and self.mode is not None:
             from latentrag.rag_types import rag_type
 
             kind = rag_type(self.mode)
             self.decoding = getattr(kind, "default_decoding", None) or kind.decodings[0]
         self.recall_ks = tuple(self.recall_ks)
 
+    def resolved(self, config=None) -> EvalSettings:
+        """These settings with what was left to the model filled from its `RagConfig` (mode, k,
+        max_new_tokens, beams), so a saved model answers as it was trained unless told otherwise; what
+        run.json records is what ran."""
+        from latentrag.model import RagConfig
+
+        config = config or RagConfig()
+        settings = replace(
+            self,
+            mode=self.mode or config.mode,
+            k=config.k if self.k is None else self.k,
+            max_new_tokens=config.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
+        )
+        if not settings.closed_book and settings.num_beams is None and settings.decoding != "greedy":
+            settings.num_beams = config.num_beams
+        return settings
+
     @property
     def label(self) -> str:
         if self.closed_book:
             return "closed-book"
         beams = f", {self.num_beams} beams" if self.num_beams and self.num_beams > 1 else ""
+        if self.mode is None or self.k is None:
+            return "RAG (the model's settings)"  # before `resolved`
         return f"RAG-{self.mode.title()} ({self.decoding}{beams}, k={self.k})"
 
     def key(self) -> dict:
@@ -232,39 +251,14 @@ def _has_labels(dataset: str) -> bool:
 
 # ---- closed-book baseline ---------------------------------------------------------------------------
 def closed_book_batch(generator, questions: list[str]):
-    """Generator inputs with no passage (k=1): the question alone for seq2seq; for a decoder-only LM the
-    RAG prompt without its Title/Passage lines (same chat template, instruction without the passage)."""
-    from latentrag.generation.generators import GeneratorBatch
-
-    if generator.kind == "seq2seq":
-        prefix = getattr(generator.model.config, "prefix", None) or ""
-        texts, side = [prefix + q for q in questions], None
-    else:
-        tok = generator.tokenizer
-        body = f"{CLOSED_BOOK_INSTRUCTION}\n\nQuestion: {{q}}"
-        if getattr(tok, "chat_template", None):
-            texts = [
-                tok.apply_chat_template([{"role": "user", "content": body.format(q=q)}], tokenize=False,
-                                        add_generation_prompt=True)
-                for q in questions
-            ]
-        else:
-            texts = [body.format(q=q) + "\nAnswer:" for q in questions]
-        side = "left"
-    tok = generator.tokenizer
-    old = tok.padding_side, tok.truncation_side
-    if side:
-        tok.padding_side = tok.truncation_side = side
-    try:
-        enc = tok(texts, padding=True, truncation=True, max_length=generator.max_input_length,
-                  add_special_tokens=generator.kind == "seq2seq", return_tensors="pt")
-    finally:
-        tok.padding_side, tok.truncation_side = old
-    return GeneratorBatch(enc["input_ids"].to(generator.device), enc["attention_mask"].to(generator.device), 1)
+    """Generator inputs with no passage (k=1), formatted by the generator itself
+    (`Generator.prepare_closed_book`: the bare question for seq2seq; for a decoder-only LM the RAG prompt
+    without its Title/Passage lines)."""
+    return generator.prepare_closed_book(questions)
 
 
 @torch.inference_mode()
-def closed_book_generate(generator, questions: list[str], max_new_tokens: int = 24) -> list[str]:
+def closed_book_generate(generator, questions: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """The paper's parametric-only baseline: greedy decoding with the generator alone, no retrieval.
 
     With one "document" of prior 1, RAG-Token's marginal is the generator's own distribution, so the
@@ -287,12 +281,14 @@ def _predict(model, examples: list[QAExample], settings: EvalSettings) -> list[d
         texts = closed_book_generate(model.generator, questions, settings.max_new_tokens)
         answers, retrieved = [None] * len(examples), [[] for _ in examples]
     else:
+        # One retrieval per batch, deep enough for recall@k and for the answer (its first k passages).
         depth = min(max(max(settings.recall_ks), settings.k), len(model.retriever.index))
-        retrieved = model.retrieve(questions, k=depth).passages
+        with torch.inference_mode():
+            batch = model.retrieve(questions, k=depth)
         answers = model.generate(questions, mode=settings.mode, decoding=settings.decoding,
                                  num_beams=settings.num_beams, k=settings.k,
-                                 max_new_tokens=settings.max_new_tokens)
-        texts = [a.text for a in answers]
+                                 max_new_tokens=settings.max_new_tokens, retrieved=batch.top(settings.k))
+        texts, retrieved = [a.text for a in answers], batch.passages
     records = []
     for ex, text, answer, ranked in zip(examples, texts, answers, retrieved, strict=True):
         passages = [] if answer is None else [
@@ -389,6 +385,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
+    settings = settings.resolved(getattr(model, "config", None))
     if examples is None:
         index = None if settings.closed_book and not settings.answerable_only else model.retriever.index
         examples, info = select_examples(settings, index, progress=progress)
@@ -509,7 +506,8 @@ def rescore(predictions: str | Path, out_dir: str | Path | None = None) -> dict:
 
 
 def default_run_dir(settings: EvalSettings) -> Path:
-    """Where a run goes when no folder is given: `eval-runs/{dataset}-{mode|closed-book}`."""
+    """Where a run goes when no folder is given: `eval-runs/{dataset}-{mode|closed-book}` (settings resolved
+    against the model first, see `EvalSettings.resolved`)."""
     return Path("eval-runs") / f"{Path(settings.dataset).stem}-{'closed-book' if settings.closed_book else settings.mode}"
 
 
@@ -527,7 +525,7 @@ def evaluate_sweep(
     """
     from latentrag.evaluation.report import write_comparison_report
 
-    runs = list(runs)
+    runs = [settings.resolved(getattr(model, "config", None)) for settings in runs]  # None: the model's
     if not runs:
         raise LatentRagError("no runs to evaluate: give at least one EvalSettings")
     ks = [s.k for s in runs]

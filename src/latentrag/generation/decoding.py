@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from latentrag.defaults import MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.generation.generators import DecodeState, Generator, GeneratorBatch
 from latentrag.marginals import sequence_posterior, token_posterior
@@ -53,7 +54,7 @@ class DecodeOptions:
     length_penalty > 0).
     """
 
-    max_new_tokens: int = 32
+    max_new_tokens: int = MAX_NEW_TOKENS
     min_new_tokens: int = 0
     num_beams: int = 4
     length_penalty: float = 0.0
@@ -92,7 +93,8 @@ class Decoded:
 @dataclass
 class Hypotheses:
     """Search results for G groups × n hypotheses (best first). tokens (G,n,T), raw (G,n) sum of scored
-    log-probs, lengths (G,n), docs (G,n,T,E) per-row log-probs of the chosen tokens (E = 0 if not tracked)."""
+    log-probs, lengths (G,n), docs (G,n,T,r) per-row log-probs of the chosen tokens (r = scorer.rows: k
+    under RAG-Token, 1 under RAG-Sequence: the row's own per-token terms, which thorough decoding reuses)."""
 
     tokens: Tensor
     raw: Tensor
@@ -110,7 +112,6 @@ class TokenMarginal:
     def __init__(self, log_prior: Tensor):
         self.log_prior = log_prior  # (G,k)
         self.rows = log_prior.shape[1]
-        self.tracked = self.rows
 
     def __call__(self, logprobs: Tensor, groups: int, beams: int) -> tuple[Tensor, Tensor]:
         per_doc = logprobs.view(groups, beams, self.rows, -1)  # (G,n,k,V)
@@ -136,11 +137,16 @@ def marginal_logprobs(log_prior: Tensor, per_doc: Tensor) -> Tensor:
     return out
 
 
+def ban_eos(beam_lp: Tensor, eos: int) -> Tensor:
+    """The scores with </s> impossible (before min_new_tokens), as a new tensor: `beam_lp` may be a view of
+    log-probs the caller keeps (RAG-Sequence re-uses the first step's for teacher forcing)."""
+    return beam_lp.index_fill(-1, torch.tensor([eos], device=beam_lp.device), float("-inf"))
+
+
 class PerDocument:
     """RAG-Sequence: one search per (question, passage); a beam is one row and scores with p_θ(·|x,z)."""
 
     rows = 1
-    tracked = 1  # the row's own per-token log-probs, which thorough decoding reuses
 
     def __call__(self, logprobs: Tensor, groups: int, beams: int) -> tuple[Tensor, Tensor]:
         return logprobs.view(groups, beams, -1), logprobs.view(groups, beams, 1, -1)
@@ -157,7 +163,7 @@ def greedy_search(generator: Generator, state: DecodeState, logprobs: Tensor, sc
     eos, pad, steps, r = generator.eos_token_id, generator.pad_token_id, opts.max_new_tokens, scorer.rows
     device = logprobs.device
     tokens = torch.full((groups, steps), pad, dtype=torch.long, device=device)
-    docs = torch.zeros(groups, steps, scorer.tracked, device=device)
+    docs = torch.zeros(groups, steps, r, device=device)
     score = torch.zeros(groups, device=device)
     lengths = torch.full((groups,), steps, dtype=torch.long, device=device)
     finished = torch.zeros(groups, dtype=torch.bool, device=device)
@@ -165,12 +171,11 @@ def greedy_search(generator: Generator, state: DecodeState, logprobs: Tensor, sc
         beam_lp, per_doc = scorer(logprobs, groups, 1)
         beam_lp = beam_lp[:, 0]
         if t < opts.min_new_tokens:
-            beam_lp[:, eos] = float("-inf")
+            beam_lp = ban_eos(beam_lp, eos)
         best = torch.where(finished, pad, beam_lp.argmax(-1))
         score += torch.where(finished, 0.0, beam_lp.gather(1, best[:, None]).squeeze(1))
         tokens[:, t] = best
-        if per_doc is not None:
-            docs[:, t] = per_doc[:, 0].gather(-1, best.view(groups, 1, 1).expand(groups, r, 1)).squeeze(-1)
+        docs[:, t] = per_doc[:, 0].gather(-1, best.view(groups, 1, 1).expand(groups, r, 1)).squeeze(-1)
         done = ~finished & (best == eos)
         lengths[done] = t + 1
         finished |= done
@@ -188,19 +193,19 @@ def beam_search(generator: Generator, state: DecodeState, logprobs: Tensor, scor
     `num_beams` beams (HF runs its other beams at score −1e9 until then; the result is the same).
     """
     eos, pad, steps, r = generator.eos_token_id, generator.pad_token_id, opts.max_new_tokens, scorer.rows
-    nb, lp_pow, E = opts.num_beams, opts.length_penalty, scorer.tracked
+    nb, lp_pow = opts.num_beams, opts.length_penalty
     offset = len(generator.answer_prefix)  # HF's lengths count a forced <s>; same here for the penalty
     device = logprobs.device
     arange_g, arange_r = torch.arange(groups, device=device), torch.arange(r, device=device)
 
     run_tok = torch.full((groups, 1, steps), pad, dtype=torch.long, device=device)
     run_score = torch.zeros(groups, 1, device=device)
-    run_docs = torch.zeros(groups, 1, steps, E, device=device)
+    run_docs = torch.zeros(groups, 1, steps, r, device=device)
     fin_tok = torch.full((groups, nb, steps), pad, dtype=torch.long, device=device)
     fin_norm = torch.full((groups, nb), NEG, device=device)
     fin_raw = torch.full((groups, nb), NEG, device=device)
     fin_len = torch.ones(groups, nb, dtype=torch.long, device=device)
-    fin_docs = torch.zeros(groups, nb, steps, E, device=device)
+    fin_docs = torch.zeros(groups, nb, steps, r, device=device)
     is_fin = torch.zeros(groups, nb, dtype=torch.bool, device=device)
     improvable = torch.ones(groups, 1, dtype=torch.bool, device=device)
 
@@ -209,19 +214,18 @@ def beam_search(generator: Generator, state: DecodeState, logprobs: Tensor, scor
 
     for t in range(steps):
         n = run_tok.shape[1]
-        beam_lp, per_doc = scorer(logprobs, groups, n)  # (G,n,V), (G,n,r,V)|None
+        beam_lp, per_doc = scorer(logprobs, groups, n)  # (G,n,V), (G,n,r,V)
         vocab = beam_lp.shape[-1]
         if t < opts.min_new_tokens:
-            beam_lp[..., eos] = float("-inf")
+            beam_lp = ban_eos(beam_lp, eos)
         acc = (beam_lp + run_score[:, :, None]).view(groups, n * vocab)
         top_s, top_i = acc.topk(min(2 * nb, n * vocab), dim=1)  # (G,K)
         src, tok = top_i // vocab, top_i % vocab
         cand_tok = take(run_tok, src)
         cand_tok[:, :, t] = tok
         cand_docs = take(run_docs, src)
-        if E:
-            flat = (src * r * vocab + tok)[..., None] + arange_r * vocab  # (G,K,r) into (G, n·r·V)
-            cand_docs[:, :, t] = per_doc.reshape(groups, -1).gather(1, flat.view(groups, -1)).view(flat.shape)
+        flat = (src * r * vocab + tok)[..., None] + arange_r * vocab  # (G,K,r) into (G, n·r·V)
+        cand_docs[:, :, t] = per_doc.reshape(groups, -1).gather(1, flat.view(groups, -1)).view(flat.shape)
         hits = (tok == eos) if t + 1 < steps else torch.ones_like(tok, dtype=torch.bool)
 
         # finished: only the best `nb` candidates may finish; a group that cannot improve takes no more
@@ -282,7 +286,7 @@ def rag_token_decode(generator: Generator, batch: GeneratorBatch, log_prior: Ten
     return out
 
 
-def rag_token_greedy(generator: Generator, batch: GeneratorBatch, log_prior: Tensor, max_new_tokens: int = 32,
+def rag_token_greedy(generator: Generator, batch: GeneratorBatch, log_prior: Tensor, max_new_tokens: int = MAX_NEW_TOKENS,
                      min_new_tokens: int = 0) -> list[Decoded]:
     """Greedy RAG-Token decoding: at each step the argmax of the marginal p'(y_i|x,y_<i)."""
     return rag_token_decode(generator, batch, log_prior, DecodeOptions(max_new_tokens, min_new_tokens, 1))

@@ -8,6 +8,11 @@
 Every method works on all B·k (question, passage) rows at once: one batched forward, never a loop
 over documents. Shapes: N = B·k rows (row b·k + j is question b with its j-th passage), T answer
 positions, V vocabulary.
+
+Each kind also formats the closed-book ("parametric only") baseline's input, the same prompt without
+the passage, so the two prompts cannot drift apart. Nothing here changes shared state per call: the
+tokenizer is called through private fixed-settings copies (`latentrag.tokenizing`), so one generator
+serves many threads.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from latentrag.assets import resolve_generator
 from latentrag.errors import LatentRagError, LatentRagWarning
 from latentrag.generation import shared_context
 from latentrag.retrieval.corpus import Passage
+from latentrag.tokenizing import FixedTokenizer
 
 INPUT_FORMAT_FILE = "latentrag_input_format.json"  # a seq2seq generator's separators/prefix, when not the defaults
 QUESTION_TOKENIZER_DIR = "question_tokenizer"
@@ -72,6 +78,17 @@ class Generator(nn.Module):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.shares_contexts = self._share_contexts()
+        self._count_tokens = FixedTokenizer(tokenizer, add_special_tokens=self.adds_special_tokens)
+        self._tokenizers()
+
+    def _tokenizers(self) -> None:
+        """Make the fixed-settings tokenizer copies this kind calls (see `latentrag.tokenizing`)."""
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in another process, the shared-context attention the model names is registered again."""
+        super().__setstate__(state)
+        if self.shares_contexts:
+            shared_context.register()
 
     def _share_contexts(self) -> bool:
         """Switch the model to shared-context attention (`shared_context`) if its architecture allows."""
@@ -102,7 +119,7 @@ class Generator(nn.Module):
         raise NotImplementedError
 
     def _token_counts(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=self.adds_special_tokens)["input_ids"]]
+        return [len(ids) for ids in self._count_tokens(texts)["input_ids"]]
 
     def check_prompt_budget(self, questions: list[str]) -> None:
         """Refuse a question that alone fills the input budget of a generator that cuts from the left
@@ -142,6 +159,14 @@ class Generator(nn.Module):
         self.tokenizer.save_pretrained(directory)
 
     def prepare(self, questions: list[str], passages: list[list[Passage]], answers: list[str] | None = None):
+        raise NotImplementedError
+
+    def format_closed_book(self, question: str) -> str:
+        """The closed-book baseline's input text: this kind's prompt with no passage."""
+        raise NotImplementedError
+
+    def prepare_closed_book(self, questions: list[str]) -> GeneratorBatch:
+        """Generator inputs for the closed-book baseline: one "passage" row per question (k = 1)."""
         raise NotImplementedError
 
     def vocab_logprobs(self, batch: GeneratorBatch) -> Tensor:
@@ -233,24 +258,40 @@ class Seq2SeqGenerator(Generator):
                         question_tokenizer=None) -> None:
         """The encoder input "prefix + title + title_sep + text + doc_sep + question" for this model."""
         self.title_sep, self.doc_sep, self.prefix, self.question_tokenizer = title_sep, doc_sep, prefix, question_tokenizer
+        # a private fixed-settings copy: safe from many threads (see latentrag.tokenizing)
+        self._encode_question = None if question_tokenizer is None else FixedTokenizer(question_tokenizer,
+                                                                                        truncation=True)
+
+    def _tokenizers(self) -> None:
+        self._encode_inputs = FixedTokenizer(self.tokenizer, padding=True, truncation=True,
+                                             max_length=self.max_input_length, return_tensors="pt")
+        self._encode_targets = FixedTokenizer(self.tokenizer, padding=True, return_tensors="pt")
+
+    def _prefix(self) -> str:
+        if self.prefix is not None:
+            return self.prefix
+        return getattr(self.model.config, "prefix", None) or ""  # T5's task prefix (and HF RAG's `prefix`)
 
     def input_text(self, question: str, passage: Passage) -> str:
         return self.format_input(self.generator_question(question), passage)
 
     @property
     def truncates(self) -> str:
-        return self.tokenizer.truncation_side
+        return self._encode_inputs.tokenizer.truncation_side  # the side of the copy `prepare` calls
 
     def format_input(self, question: str, passage: Passage) -> str:
-        prefix = self.prefix if self.prefix is not None else getattr(self.model.config, "prefix", None) or ""
-        text = prefix + _clean_title(passage.title) + self.title_sep + passage.text + self.doc_sep + question
+        text = self._prefix() + _clean_title(passage.title) + self.title_sep + passage.text + self.doc_sep + question
         return text.replace("  ", " ")
 
+    def format_closed_book(self, question: str) -> str:
+        return self._prefix() + self.generator_question(question)
+
     def generator_question(self, question: str) -> str:
+        """The question as the generator reads it: as given, or (HF RAG checkpoints) decode(encode(question))."""
         if self.question_tokenizer is None:
             return question
-        ids = self.question_tokenizer(question, truncation=True)["input_ids"]
-        return self.question_tokenizer.decode(ids, skip_special_tokens=True)
+        ids = self._encode_question(question)["input_ids"]
+        return self._encode_question.tokenizer.decode(ids, skip_special_tokens=True)
 
     def save_pretrained(self, directory) -> None:
         super().save_pretrained(directory)
@@ -261,18 +302,21 @@ class Seq2SeqGenerator(Generator):
                 self.question_tokenizer.save_pretrained(Path(directory) / QUESTION_TOKENIZER_DIR)
             (Path(directory) / INPUT_FORMAT_FILE).write_text(json.dumps(settings, indent=2))
 
+    def _batch(self, texts: list[str], k: int) -> GeneratorBatch:
+        enc = self._encode_inputs(texts, max_length=self.max_input_length)
+        return GeneratorBatch(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), k)
+
     def prepare(self, questions, passages, answers=None) -> GeneratorBatch:
-        k = len(passages[0])
         questions = [self.generator_question(q) for q in questions]
         texts = [self.format_input(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_input_length, return_tensors="pt"
-        )
-        batch = GeneratorBatch(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), k)
+        batch = self._batch(texts, len(passages[0]))
         if answers is not None:
-            tgt = self.tokenizer(text_target=list(answers), padding=True, return_tensors="pt")
+            tgt = self._encode_targets(text_target=list(answers))
             batch.targets, batch.target_mask = tgt["input_ids"].to(self.device), tgt["attention_mask"].to(self.device)
         return batch
+
+    def prepare_closed_book(self, questions: list[str]) -> GeneratorBatch:
+        return self._batch([self.format_closed_book(q) for q in questions], 1)
 
     def _decoder_inputs(self, targets: Tensor) -> Tensor:
         start = self.model.config.decoder_start_token_id
@@ -307,7 +351,7 @@ class Seq2SeqGenerator(Generator):
     def answer_prefix(self) -> list[int]:
         if not hasattr(self, "_answer_prefix"):
             bos = self.tokenizer.bos_token_id
-            ids = self.tokenizer(text_target="a")["input_ids"]
+            ids = self._encode_targets(text_target=["a"])["input_ids"][0].tolist()
             self._answer_prefix = [bos] if bos is not None and ids and ids[0] == bos else []
         return self._answer_prefix
 
@@ -351,9 +395,24 @@ class DecoderOnlyGenerator(Generator):
 
     kind = "decoder-only"
     instruction = "Answer the question with a short phrase, using the passage if it helps."
+    closed_book_instruction = "Answer the question with a short phrase."
 
     def _share_contexts(self) -> bool:
         return shared_context.enable_prompt(self.model)
+
+    def _tokenizers(self) -> None:
+        # prompts padded and truncated on the left: every prompt ends at the same column, and a prompt too
+        # long loses its start (the passage), never the question at its end
+        self._encode_prompts = FixedTokenizer(self.tokenizer, padding_side="left", truncation_side="left",
+                                              padding=True, truncation=True, max_length=self.max_input_length,
+                                              add_special_tokens=False, return_tensors="pt")
+        self._encode_answers = FixedTokenizer(self.tokenizer, add_special_tokens=False)
+
+    def _prompt(self, instruction: str, body: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": f"{instruction}\n\n{body}"}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{instruction}\n\n{body}\nAnswer:"
 
     adds_special_tokens = False
     truncates = "left"  # keep the question and the answer's position
@@ -363,18 +422,16 @@ class DecoderOnlyGenerator(Generator):
 
     def format_prompt(self, question: str, passage: Passage) -> str:
         body = f"Title: {_clean_title(passage.title)}\nPassage: {passage.text}\nQuestion: {question}"
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": f"{self.instruction}\n\n{body}"}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"{self.instruction}\n\n{body}\nAnswer:"
+        return self._prompt(self.instruction, body)
+
+    def format_closed_book(self, question: str) -> str:
+        """The RAG prompt without its Title/Passage lines, and an instruction that mentions no passage."""
+        return self._prompt(self.closed_book_instruction, f"Question: {question}")
 
     def _answer_ids(self, answers: list[str]) -> tuple[Tensor, Tensor]:
         chat = bool(getattr(self.tokenizer, "chat_template", None))
-        rows = [
-            self.tokenizer((a.strip() if chat else " " + a.strip()), add_special_tokens=False)["input_ids"]
-            + [self.eos_token_id]
-            for a in answers
-        ]
+        texts = [a.strip() if chat else " " + a.strip() for a in answers]
+        rows = [ids + [self.eos_token_id] for ids in self._encode_answers(texts)["input_ids"]]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -383,26 +440,19 @@ class DecoderOnlyGenerator(Generator):
             mask[i, : len(r)] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _batch(self, prompts: list[str], k: int) -> GeneratorBatch:
+        enc = self._encode_prompts(prompts, max_length=self.max_input_length)
+        return GeneratorBatch(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), k)
+
     def prepare(self, questions, passages, answers=None) -> GeneratorBatch:
-        k = len(passages[0])
         prompts = [self.format_prompt(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
-        side, tside = self.tokenizer.padding_side, self.tokenizer.truncation_side
-        self.tokenizer.padding_side, self.tokenizer.truncation_side = "left", "left"  # keep the question
-        try:
-            enc = self.tokenizer(
-                prompts,
-                padding=True,
-                truncation=True,
-                max_length=self.max_input_length,
-                add_special_tokens=False,
-                return_tensors="pt",
-            )
-        finally:
-            self.tokenizer.padding_side, self.tokenizer.truncation_side = side, tside
-        batch = GeneratorBatch(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), k)
+        batch = self._batch(prompts, len(passages[0]))
         if answers is not None:
             batch.targets, batch.target_mask = self._answer_ids(list(answers))
         return batch
+
+    def prepare_closed_book(self, questions: list[str]) -> GeneratorBatch:
+        return self._batch([self.format_closed_book(q) for q in questions], 1)
 
     @staticmethod
     def _positions(mask: Tensor) -> Tensor:

@@ -135,17 +135,23 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def register() -> None:
+    """Register the attention under NAME in transformers' registries (idempotent). A model switched to it
+    and unpickled in another process (a Ray actor, a spawned worker) needs this before it runs."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
 def _use(model: nn.Module) -> bool:
     """Switch `model` to the registered implementation, if it runs HF's SDPA attention interface."""
     if not getattr(model, "_supports_sdpa", False):
         return False
     if getattr(model.config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(NAME, _attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    register()
     model.set_attn_implementation(NAME)
     return True
 

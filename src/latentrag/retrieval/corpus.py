@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from latentrag.assets import wiki_leads_json
 from latentrag.atomic import atomic_path
+from latentrag.defaults import PASSAGE_WORDS
 from latentrag.errors import LatentRagError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -212,9 +213,6 @@ def read_corpus(source: str | Path) -> Iterator[Document]:
 
 
 # ---- splitting ----------------------------------------------------------------------------------------
-PASSAGE_WORDS = 100  # the paper's disjoint 100-word passages
-
-
 def split_passages(documents: Iterable[Document], words: int = PASSAGE_WORDS) -> Iterator[Passage]:
     """Disjoint passages of `words` words (the last may be shorter), each keeping its document's title.
 

@@ -1,7 +1,12 @@
 """The two towers of the bi-encoder: q(x) = BERT_q(x) and d(z) = BERT_d(z) (paper §2.2, DPR).
 
-Any Hugging Face encoder works; a tower is the chain transformer → pooling (CLS, mean, or the model's own
-pooler for DPR checkpoints) → optional L2 normalisation, as in sentence-transformers.
+Any Hugging Face encoder works; a tower is the chain transformer → pooling (CLS, mean, max, last token,
+or the model's own pooler for DPR checkpoints) → optional L2 normalisation, as in sentence-transformers.
+A sentence-transformers folder is read as sentence-transformers reads it: `modules.json` names the
+modules in order (Transformer, Pooling, Normalize), the Pooling module's `config.json` the pooling mode
+(the `pooling_mode_*` flags of older versions, or `pooling_mode` of newer ones). A module or mode that this
+chain cannot reproduce (Dense, weighted-mean pooling, several modes concatenated) is refused with a clear
+error, never silently replaced by CLS pooling: vectors pooled another way would be quietly wrong.
 """
 
 from __future__ import annotations
@@ -16,23 +21,77 @@ from tqdm.auto import tqdm
 
 from latentrag.assets import resolve_encoder
 from latentrag.errors import LatentRagError
+from latentrag.tokenizing import FixedTokenizer
 
-POOLINGS = ("cls", "mean", "pooler")
+POOLINGS = ("cls", "mean", "max", "lasttoken", "pooler")
 _TOWER_FILE = "latentrag_encoder.json"
+# sentence-transformers' names of a pooling mode (flags of its older config files, and aliases) -> ours
+_ST_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+}
+_ST_ALIASES = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max", "last_token": "lasttoken"}
 
 
-def _detect_pooling(path: Path, model_type: str) -> tuple[str, bool]:
-    """Pooling and normalisation a checkpoint declares: DPR uses its pooler, sentence-transformers its config."""
-    if model_type == "dpr":
-        return "pooler", False
-    pooling_cfg = path / "1_Pooling" / "config.json"
-    if pooling_cfg.exists():
-        cfg = json.loads(pooling_cfg.read_text())
-        pooling = "mean" if cfg.get("pooling_mode_mean_tokens") else "cls"
-        modules = path / "modules.json"
-        normalize = modules.exists() and "Normalize" in modules.read_text()
-        return pooling, normalize
-    return "cls", False
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LatentRagError(f"cannot read {path}: {e}") from e
+
+
+def read_pooling_config(path: Path) -> str:
+    """The one pooling mode a sentence-transformers Pooling `config.json` declares, as one of POOLINGS."""
+    cfg = _read_json(path)
+    mode = cfg.get("pooling_mode")
+    if mode is not None:  # sentence-transformers ≥ 5: "mean", "cls", ... ("a+b" or a list: several concatenated)
+        modes = [str(m) for m in mode] if isinstance(mode, list) else str(mode).split("+")
+    else:  # older files: one boolean flag per mode
+        modes = [_ST_FLAGS.get(key, key.removeprefix("pooling_mode_")) for key, on in cfg.items()
+                 if key.startswith("pooling_mode_") and on is True]
+    modes = [_ST_ALIASES.get(m, m) for m in modes]
+    if len(modes) != 1:
+        raise LatentRagError(
+            f"{path} declares {'no pooling mode' if not modes else 'the modes ' + ' + '.join(modes) + ' concatenated'}: "
+            "latentrag pools one way (cls, mean, max or lasttoken); save the model with one pooling mode")
+    if modes[0] not in POOLINGS or modes[0] == "pooler":
+        raise LatentRagError(f"{path}: pooling mode '{modes[0]}' is not supported: latentrag pools with cls, mean, "
+                             "max or lasttoken (pass pooling= to DenseEncoder.from_pretrained to choose one)")
+    return modes[0]
+
+
+def read_sentence_transformers(path: Path) -> tuple[Path, str | None, bool]:
+    """(folder of the transformer, pooling, normalise) a checkpoint declares through sentence-transformers'
+    files; (path, None, False) when it has none. Modules other than Transformer, Pooling and Normalize are
+    refused: latentrag's tower could not reproduce their vectors."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        legacy = path / "1_Pooling" / "config.json"  # a pooling config without modules.json
+        return path, (read_pooling_config(legacy) if legacy.is_file() else None), False
+    modules = _read_json(modules_file)
+    if not isinstance(modules, list):
+        raise LatentRagError(f"{modules_file} is not a list of modules")
+    model_dir, pooling, normalize = path, None, False
+    for module in sorted(modules, key=lambda m: m.get("idx", 0)):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        folder = path / module.get("path", "")
+        if kind == "Transformer":
+            model_dir = folder
+        elif kind == "Pooling":
+            pooling = read_pooling_config(folder / "config.json")
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise LatentRagError(
+                f"{modules_file}: module '{module.get('type')}' is not supported: latentrag's tower is "
+                "Transformer → Pooling → Normalize (a model with other modules needs sentence-transformers itself)")
+    if pooling is None:
+        raise LatentRagError(f"{modules_file} declares no Pooling module: its output is not one vector per text")
+    return model_dir, pooling, normalize
 
 
 def _model_class(config, default):
@@ -53,31 +112,39 @@ class DenseEncoder(nn.Module):
             raise LatentRagError(f"unknown pooling '{pooling}': choose one of {', '.join(POOLINGS)}")
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.normalize, self.max_length, self.name = pooling, normalize, max_length, name
+        # a private copy called one way only: safe from many threads (see latentrag.tokenizing)
+        self._encode_texts = FixedTokenizer(tokenizer, padding=True, truncation=True, max_length=max_length,
+                                            return_tensors="pt")
         self._fingerprint: str | None = None
 
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, pooling: str | None = None, normalize: bool | None = None, max_length: int = 256
     ) -> DenseEncoder:
-        """Load any Hugging Face encoder (hub name or folder; 'minilm' is the bundled all-MiniLM-L6-v2)."""
+        """Load any Hugging Face encoder (hub name or folder; 'minilm' is the bundled all-MiniLM-L6-v2).
+
+        Pooling and normalisation, unless given: as latentrag saved them, else as the folder's
+        sentence-transformers files declare (`read_sentence_transformers`), else DPR's pooler for DPR
+        checkpoints and CLS for a plain encoder.
+        """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        resolved = resolve_encoder(name_or_path)
-        path = Path(resolved)
+        path = Path(resolve_encoder(name_or_path))
         saved = path / _TOWER_FILE
         meta = json.loads(saved.read_text()) if saved.exists() else {}
+        model_dir, st_pooling, st_normalize = read_sentence_transformers(path)
         try:
-            config = AutoConfig.from_pretrained(resolved)
-            model = _model_class(config, AutoModel).from_pretrained(resolved)
-            tokenizer = AutoTokenizer.from_pretrained(resolved)
+            config = AutoConfig.from_pretrained(model_dir)
+            model = _model_class(config, AutoModel).from_pretrained(model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except OSError as e:
             raise LatentRagError(f"cannot load encoder '{name_or_path}': {e}") from e
-        auto_pool, auto_norm = _detect_pooling(path, config.model_type)
+        auto_pool = "pooler" if config.model_type == "dpr" else st_pooling or "cls"
         return cls(
             model,
             tokenizer,
             pooling or meta.get("pooling", auto_pool),
-            meta.get("normalize", auto_norm) if normalize is None else normalize,
+            meta.get("normalize", st_normalize) if normalize is None else normalize,
             meta.get("max_length", max_length),
             meta.get("name", name_or_path),
         )
@@ -99,21 +166,26 @@ class DenseEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, Tensor]:
-        batch = self.tokenizer(
-            texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        batch = self._encode_texts(texts, pairs, max_length=self.max_length)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> Tensor:
         """(N, L) token ids -> (N, d) pooled (and optionally normalised) vectors, differentiable."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        hidden = None if self.pooling == "pooler" else out.last_hidden_state  # (N, L, h); DPR outputs have none
         if self.pooling == "pooler":
             vectors = out.pooler_output
         elif self.pooling == "cls":
-            vectors = out.last_hidden_state[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-            vectors = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            vectors = hidden[:, 0]
+        elif self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        elif self.pooling == "max":  # over the real tokens only
+            vectors = hidden.masked_fill(attention_mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).max(1).values
+        else:  # lasttoken: the last real token, whichever side the padding is on
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (attention_mask.bool() * positions).argmax(1)
+            vectors = hidden[torch.arange(len(hidden), device=hidden.device), last]
         return nn.functional.normalize(vectors, dim=-1) if self.normalize else vectors
 
     def embed(self, texts: list[str], pairs: list[str] | None = None) -> Tensor:

@@ -1,13 +1,14 @@
 """The retriever p_η(z|x): questions -> top-k passages, their stored vectors, and differentiable scores.
 
-faiss finds the top-k ids (non-differentiable MIPS); the scores d(z)ᵀq(x) are then recomputed in torch
-from the stored document vectors, so the loss's gradient reaches the query tower (paper §2.4) while
-the document tower and the index stay fixed.
+A searcher (`latentrag.retrieval.searcher.Searcher`; the local one is `DenseIndex`) finds the top-k ids
+and returns their stored vectors (non-differentiable MIPS); the scores s·d(z)ᵀq(x) are then recomputed in
+torch from those vectors, so the loss's gradient reaches the query tower (paper §2.4) while the document
+tower and the index stay fixed.
 """
 
 from __future__ import annotations
 
-import threading
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from latentrag.errors import LatentRagError
 from latentrag.marginals import retrieval_log_prior
 from latentrag.retrieval.corpus import Passage
 from latentrag.retrieval.encoders import DenseEncoder
-from latentrag.retrieval.index import DenseIndex
+from latentrag.retrieval.searcher import Searcher
 
 
 @dataclass
@@ -40,6 +41,16 @@ class RetrievedBatch:
     def k(self) -> int:
         return self.ids.shape[1]
 
+    def top(self, k: int) -> RetrievedBatch:
+        """The first k passages of each question (retrieve once, deep, and use a prefix: e.g. recall@20 and
+        a k=5 answer from one search). p(z|x) is renormalised over the k kept, as a k-deep retrieval would."""
+        if not 1 <= k <= self.k:
+            raise LatentRagError(f"k must be between 1 and the {self.k} passages retrieved, got {k}")
+        if k == self.k:
+            return self
+        return RetrievedBatch(self.questions, self.ids[:, :k], [row[:k] for row in self.passages],
+                              self.doc_vectors[:, :k], self.scores[:, :k])
+
 
 def check_questions(questions: list[str]) -> list[str]:
     if isinstance(questions, str):
@@ -53,54 +64,82 @@ def check_questions(questions: list[str]) -> list[str]:
 
 
 class Retriever(nn.Module):
-    """Query tower + a swappable index built by a known document tower."""
+    """Query tower + a swappable searcher whose vectors a known document tower built + the scale s of eq. (1).
 
-    def __init__(self, query_encoder: DenseEncoder, document_encoder: dict, index: DenseIndex | None = None):
+    scores = s · d(z)ᵀq(x) with s = exp(log_scale): s = 1 is the paper's form (right for un-normalised
+    towers such as DPR); unit-vector towers give inner products in a narrow band and need s > 1 for p(z|x)
+    to be more than uniform. `log_scale` is a scalar parameter, trained only when `learn_scale`.
+
+    Picklable and deep-copyable (no locks): the searcher is one attribute, rebound atomically by
+    `swap_index`, and each `retrieve` reads it once.
+    """
+
+    def __init__(self, query_encoder: DenseEncoder, document_encoder: dict, index: Searcher | None = None,
+                 scale: float = 1.0, learn_scale: bool = False):
         super().__init__()
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise LatentRagError(f"the retrieval scale must be a positive number, got {scale!r}")
         self.query_encoder = query_encoder
         self.document_encoder = document_encoder  # identity of the tower that must have built the index
-        self._index: DenseIndex | None = None
-        self._lock = threading.Lock()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale), dtype=torch.float32),
+                                      requires_grad=learn_scale)
+        self._index: Searcher | None = None
         if index is not None:
             self.swap_index(index)
 
     @property
-    def index(self) -> DenseIndex:
+    def scale(self) -> float:
+        """s in p(z|x) ∝ exp(s · d(z)ᵀq(x)), as a Python float (what a saved config records)."""
+        return math.exp(float(self.log_scale.detach().double()))
+
+    @property
+    def index(self) -> Searcher:
         if self._index is None:
             raise LatentRagError("no index loaded: build one with `latentrag index build` and load it")
         return self._index
 
-    def check_index(self, index: DenseIndex) -> None:
+    def check_index(self, index: Searcher) -> None:
         """Refuse an index whose vectors live in another space than this query tower's."""
+        if not isinstance(index, Searcher):
+            raise LatentRagError(
+                f"{type(index).__name__} is not a searcher: it needs manifest.encoder, dim, len(), "
+                "search_with_vectors(queries, k) and passages(ids) (see latentrag.retrieval.searcher)"
+            )
         built_by = index.manifest.encoder
+        where = getattr(index, "directory", type(index).__name__)
         if index.dim != self.query_encoder.dim:
             raise LatentRagError(
-                f"index {index.directory} has dimension {index.dim}, the query tower produces {self.query_encoder.dim}"
+                f"index {where} has dimension {index.dim}, the query tower produces {self.query_encoder.dim}"
             )
         if built_by.get("sha256") != self.document_encoder.get("sha256"):
             raise LatentRagError(
-                f"index {index.directory} was built by document encoder '{built_by.get('name')}' "
+                f"index {where} was built by document encoder '{built_by.get('name')}' "
                 f"(sha256 {str(built_by.get('sha256'))[:12]}…), but this model's query tower pairs with "
                 f"'{self.document_encoder.get('name')}' (sha256 {str(self.document_encoder.get('sha256'))[:12]}…): "
                 "rebuild the index with the model's document encoder"
             )
 
-    def swap_index(self, index: DenseIndex) -> None:
-        """Replace the index for later calls; calls in flight keep the one they started with."""
+    def swap_index(self, index: Searcher) -> None:
+        """Replace the index for later calls; calls in flight keep the one they started with (the swap is
+        one attribute rebind, atomic under the GIL, and `retrieve` reads the attribute once)."""
         self.check_index(index)
-        with self._lock:
-            self._index = index
+        self._index = index
 
     def retrieve(self, questions: list[str], k: int) -> RetrievedBatch:
-        """Top-k passages for each question, with scores d(z)ᵀq(x) that carry gradients to the query tower."""
+        """Top-k passages for each question, with scores s·d(z)ᵀq(x) that carry gradients to the query tower
+        (and to the scale, when it is learned)."""
         questions = check_questions(questions)
         index = self.index  # one reference for the whole call: a concurrent swap does not affect it
         if not 1 <= k <= len(index):
             raise LatentRagError(f"k must be between 1 and the index size {len(index)}, got {k}")
         q = self.query_encoder.embed(questions)  # (B,d)
-        _, ids = index.search(q.detach().float().cpu().numpy(), k)
+        _, ids, vectors = index.search_with_vectors(q.detach().float().cpu().numpy(), k)
+        ids = np.asarray(ids)
+        if ids.shape != (len(questions), k):
+            raise LatentRagError(f"the searcher returned ids of shape {ids.shape}, expected {(len(questions), k)}")
         if (ids < 0).any():
             raise LatentRagError(f"the index returned fewer than k={k} passages; lower k or widen the search")
-        doc_vectors = torch.from_numpy(index.reconstruct(ids)).to(q.device, q.dtype)  # (B,k,d)
-        scores = torch.einsum("bd,bkd->bk", q, doc_vectors)
+        vectors = np.require(vectors, np.float32, ["C", "W"])  # a writable copy only when needed
+        doc_vectors = torch.from_numpy(vectors).to(q.device, q.dtype)  # (B,k,d), constants
+        scores = self.log_scale.exp() * torch.einsum("bd,bkd->bk", q, doc_vectors)
         return RetrievedBatch(questions, ids, index.passages(ids), doc_vectors, scores)

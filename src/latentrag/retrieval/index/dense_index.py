@@ -20,7 +20,12 @@ from latentrag.retrieval.index.manifest import EXACT, MANIFEST, PASSAGES, VECTOR
 
 
 class DenseIndex:
-    """Top-k inner-product search over passages, with their stored vectors and texts."""
+    """Top-k inner-product search over passages, with their stored vectors and texts (a `Searcher`).
+
+    Pickling (and `copy.deepcopy`) keeps the folder, how it was opened and the search parameters, and
+    re-opens the folder on the other side (faiss objects do not pickle): a Ray actor or a spawned DDP
+    worker on a machine that sees the same path gets the same index; a folder rebuilt in between is refused.
+    """
 
     def __init__(
         self,
@@ -34,6 +39,22 @@ class DenseIndex:
         self.vectors = vectors  # exact (N, d) float32, memory-mapped; None when faiss reconstructs exactly
         self.search_params = {k: v for k, v in manifest.params.items() if k in ("efSearch", "nprobe", "refine")}
         self._matrix = flat_matrix(index) if manifest.index_type == "flat" else None
+        self.mmap = True  # how `load` opened the folder (kept for pickling)
+
+    def __getstate__(self) -> dict:
+        return {"directory": str(self.directory), "mmap": self.mmap, "search_params": dict(self.search_params),
+                "manifest": asdict(self.manifest)}
+
+    def __setstate__(self, state: dict) -> None:
+        loaded = DenseIndex.load(state["directory"], mmap=state["mmap"])
+        if asdict(loaded.manifest) != state["manifest"]:
+            raise LatentRagError(
+                f"{state['directory']}: the index folder changed since this index was pickled "
+                f"(now {loaded.manifest.count} passages, build {loaded.manifest.build_id!r}); load it again"
+            )
+        loaded.search_params = dict(state["search_params"])
+        apply_search_params(loaded.faiss, loaded.search_params)
+        self.__dict__.update(loaded.__dict__)
 
     @property
     def dim(self) -> int:
@@ -75,6 +96,7 @@ class DenseIndex:
                 f"manifest says {manifest.count} of dim {manifest.dim}; rebuild it"
             )
         loaded = cls(directory, manifest, index, store, vectors)
+        loaded.mmap = mmap
         loaded.set_search_params(ef_search=ef_search, nprobe=nprobe, refine=refine)
         return loaded
 
@@ -115,6 +137,16 @@ class DenseIndex:
             return self.faiss.search(queries, k)
         _, candidates = self.faiss.search(queries, min(len(self), k * refine))
         return self._rerank(queries, candidates, k)
+
+    def search_with_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """queries (B,d) -> scores (B,k), ids (B,k), stored vectors d(z) (B,k,d) in one call (the `Searcher`
+        protocol, as Hugging Face's `Index.get_top_docs`). Rows with id −1 (fewer than k found) get zeros."""
+        scores, ids = self.search(queries, k)
+        valid = ids >= 0
+        vectors = self.reconstruct(np.where(valid, ids, 0))
+        if not valid.all():
+            vectors[~valid] = 0.0
+        return scores, ids, vectors
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         valid = candidates >= 0
