@@ -222,3 +222,33 @@ def test_q_bleu_rejects_bad_weights():
 def test_q_bleu_scores_a_part_absent_from_both_sides_zero_as_the_authors_do():
     # identical question without function words: answerability 0.6 + 0.2 + 0.1 + 0.1*0 = 0.9, BLEU-1 = 1
     assert q_bleu1(["Who wrote Hamlet?"], ["Who wrote Hamlet?"]) == pytest.approx(0.7 * 0.9 + 0.3, abs=1e-6)
+
+
+def test_bootstrap_interval_matches_scipy_percentile_and_is_seeded():
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from latentrag.evaluation.metrics import bootstrap_interval
+
+    values = (np.random.default_rng(3).random(300) < 0.3).astype(float)
+    low, high = bootstrap_interval(values, resamples=4000, seed=1)
+    assert low < values.mean() < high
+    ref = bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=4000, method="percentile",
+                    random_state=np.random.default_rng(2)).confidence_interval
+    assert abs(low - ref.low) < 0.01 and abs(high - ref.high) < 0.01
+    assert bootstrap_interval(values, resamples=4000, seed=1) == (low, high)
+    assert bootstrap_interval(values, resamples=4000, seed=5) != (low, high)
+    # normal approximation: half-width ≈ 1.96·sqrt(p(1−p)/n); 90 % is narrower than 95 %
+    half = 1.96 * math.sqrt(values.mean() * (1 - values.mean()) / len(values))
+    assert abs((high - low) / 2 - half) < 0.01
+    low90, high90 = bootstrap_interval(values, confidence=0.9, resamples=4000, seed=1)
+    assert high90 - low90 < high - low
+    assert bootstrap_interval([1.0, 1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_bootstrap_interval_rejects_bad_input():
+    from latentrag.evaluation.metrics import bootstrap_interval
+
+    for args in (([],), ([1.0], 1.5), ([1.0], 0.95, 0)):
+        with pytest.raises(LatentRagError):
+            bootstrap_interval(*args)

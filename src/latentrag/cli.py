@@ -180,6 +180,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Fine-tune end to end (see `latentrag.training`); prints the trained model's folder."""
+    from latentrag.training import TrainSettings, train
+    from latentrag.training.trainer import settings_from
+
+    resume = args.resume
+    values = {key.replace("-", "_"): value for key, value in vars(args).items()}
+    settings: TrainSettings = settings_from(values)
+    model_dir = train(settings, resume=resume, progress=not args.quiet)
+    print(model_dir)
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentrag", description=__doc__)
@@ -302,6 +315,53 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HF RAG checkpoints: the tower the index's vectors came from "
                             "(default facebook/dpr-ctx_encoder-single-nq-base)")
     ev.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("train", help="fine-tune the query tower and the generator end to end (paper §2.4)")
+    tr.add_argument("--train", required=True, help="nq-dev,trivia-dev (comma-separated) or a .jsonl of questions")
+    tr.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, learning_curve.png, model/")
+    tr.add_argument("--mode", choices=["token", "sequence"], default="token")
+    tr.add_argument("--k", type=int, default=5, help="passages retrieved and marginalised over per question")
+    length = tr.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training data (default 1)")
+    tr.add_argument("--batch-size", type=int, default=4, help="questions per micro-batch per process")
+    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 LoRA, 3e-5 full)")
+    tr.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 6%% of the steps)")
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--max-grad-norm", type=float, default=1.0)
+    tr.add_argument("--label-smoothing", type=float, default=None)
+    tr.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the generator; 0 = full fine-tuning")
+    tr.add_argument("--query-lora-rank", type=int, default=None,
+                    help="LoRA rank of the query tower (default: --lora-rank); 0 = train it fully")
+    tr.add_argument("--freeze-query-encoder", action="store_true", help="the paper's frozen-retriever ablation")
+    tr.add_argument("--retrieval-scale", type=float, default=None,
+                    help="s in p(z|x) ∝ exp(s·d(z)ᵀq(x)) to start from (default: the model's, 1 = the paper's)")
+    tr.add_argument("--learn-retrieval-scale", action="store_true", help="train s (log-parameterised)")
+    tr.add_argument("--closed-book", action="store_true", help="train the generator alone, no retrieval")
+    tr.add_argument("--answerable-only", action="store_true",
+                    help="keep questions with a gold answer in some passage of the index")
+    val = tr.add_mutually_exclusive_group()
+    val.add_argument("--val", default=None, help="held-out questions (a file or split name)")
+    val.add_argument("--val-fraction", type=float, default=0.02, help="hold out this fraction of --train")
+    tr.add_argument("--val-questions", type=int, default=100, help="validation questions per evaluation")
+    tr.add_argument("--eval-every", type=int, default=100)
+    tr.add_argument("--save-every", type=int, default=100)
+    tr.add_argument("--keep-checkpoints", type=int, default=2)
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="bf16 autocast (default on CUDA) or fp32 (default on CPU)")
+    tr.add_argument("--max-new-tokens", type=int, default=16, help="validation answers' length limit")
+    tr.add_argument("--model", default=None, help="start from a saved RagModel folder")
+    tr.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
+    tr.add_argument("--query-encoder", default=None, help="query tower to start from (default: bundled MiniLM)")
+    tr.add_argument("--document-encoder", default=None, help="the index's document tower (default: bundled MiniLM)")
+    tr.add_argument("--generator", default=None, help="generator to start from (default: bundled SmolLM2)")
+    tr.add_argument("--max-input-length", type=int, default=None, help="generator input tokens")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

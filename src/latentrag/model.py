@@ -32,6 +32,8 @@ from latentrag.retrieval.retriever import RetrievedBatch, Retriever, check_quest
 from latentrag.retrieval.searcher import Searcher
 
 CONFIG_FILE = "rag_config.json"
+PARTS = ("query_encoder", "generator")  # what a saved model holds besides its config
+ADAPTER_SUFFIX = "_adapter"  # <part>_adapter/: LoRA adapters over the base model the config names
 
 
 @dataclass
@@ -101,6 +103,7 @@ class RagModel(nn.Module):
         super().__init__()
         self.retriever, self.generator, self.config = retriever, generator, config
         self.register_module("document_tower", None if document_tower is None else freeze(document_tower))
+        self._merged_adapters: set[str] = set()  # parts whose saved adapters were folded into their weights
 
     def train(self, mode: bool = True) -> RagModel:
         """Training mode for the query tower and the generator; the frozen document tower stays in eval."""
@@ -145,9 +148,12 @@ class RagModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, index: str | Path | Searcher | None = None,
                         **hf_options) -> RagModel:
-        """A saved latentrag model, or a Hugging Face RAG checkpoint (folder or hub name; see `latentrag.hf_rag`,
-        whose `document_encoder=` option names the tower that made the index's vectors)."""
+        """Load a saved model, or a Hugging Face RAG checkpoint (folder or hub name; see `latentrag.hf_rag`, whose
+        `document_encoder=` option names the tower that made the index's vectors). A part saved as LoRA adapters
+        (`<part>_adapter/`) is its base model, named in the config, with the adapters folded into its weights
+        (`adapters.merge_lora`: base-model speed)."""
         from latentrag import hf_rag
+        from latentrag.adapters import load_lora, merge_lora
 
         path = Path(directory) / CONFIG_FILE
         if not path.exists() and hf_rag.hf_rag_config(directory) is not None:
@@ -158,19 +164,44 @@ class RagModel(nn.Module):
                 f"{directory} is not a saved latentrag model (no {CONFIG_FILE}), nor a Hugging Face RAG checkpoint"
             )
         config = RagConfig(**json.loads(path.read_text()))
-        config.query_encoder = str(directory / "query_encoder")
-        config.generator = str(directory / "generator")
-        return cls.from_components(index=index, config=config)
+        for part in PARTS:
+            if (directory / part).is_dir():
+                setattr(config, part, str(directory / part))
+            elif not (directory / (part + ADAPTER_SUFFIX)).is_dir():
+                raise LatentRagError(f"{directory} lacks its {part} (neither {part}/ nor {part}{ADAPTER_SUFFIX}/)")
+        model = cls.from_components(index=index, config=config)
+        for part, module in model._parts():
+            adapter = directory / (part + ADAPTER_SUFFIX)
+            if adapter.is_dir():
+                merge_lora(load_lora(module.model, adapter))
+                model._merged_adapters.add(part)
+        return model
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """The query tower, the generator and the config (with the retrieval scale as it is now)."""
+        """Write the model: a part that trains through LoRA adapters is saved as those adapters alone (a few MB;
+        the config names its base model), any other part as its full weights; the config carries the retrieval
+        scale as it is now."""
+        import copy
+
+        from latentrag.adapters import has_lora, merge_lora, save_lora
         from latentrag.atomic import atomic_dir
 
         config = replace(self.config, retrieval_scale=self.retriever.scale)
         with atomic_dir(directory) as tmp:
-            self.retriever.query_encoder.save_pretrained(tmp / "query_encoder")
-            self.generator.save_pretrained(tmp / "generator")
+            for part, module in self._parts():
+                if not has_lora(module.model):
+                    module.save_pretrained(tmp / part)
+                elif part not in self._merged_adapters:
+                    save_lora(module.model, tmp / (part + ADAPTER_SUFFIX))
+                else:  # new adapters over weights that already hold merged ones: no base name describes them
+                    merged = copy.deepcopy(module)
+                    merge_lora(merged.model)
+                    merged.save_pretrained(tmp / part)
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
+
+    def _parts(self):
+        """(name, module) of the parts a saved model holds: the query tower and the generator."""
+        return (("query_encoder", self.retriever.query_encoder), ("generator", self.generator))
 
     def document_encoder(self) -> DenseEncoder:
         """The frozen document tower (loaded on first use, on the query tower's device: only index building

@@ -160,6 +160,19 @@ class AnswerFinder:
                 position = self._starts[i + 1]
         return False
 
+    def passages_with(self, golds: M.Golds) -> list[int]:
+        """Every passage (by position) holding one of the answer strings, in order (not for regex answers)."""
+        golds = [golds] if isinstance(golds, str) else list(golds)
+        found: set[int] = set()
+        for answer in golds:
+            tokens = M.dpr_tokens(answer)
+            if not tokens:
+                continue
+            candidates = min((self._postings.get(t, ()) for t in set(tokens)), key=len)
+            needle = " " + " ".join(tokens) + " "
+            found.update(i for i in candidates if needle in self._joined[i])
+        return sorted(found)
+
     def contains(self, golds: M.Golds, regex: bool = False) -> bool:
         golds = [golds] if isinstance(golds, str) else list(golds)
         if regex:

@@ -165,8 +165,16 @@ class Generator(nn.Module):
         """The closed-book baseline's input text: this kind's prompt with no passage."""
         raise NotImplementedError
 
-    def prepare_closed_book(self, questions: list[str]) -> GeneratorBatch:
-        """Generator inputs for the closed-book baseline: one "passage" row per question (k = 1)."""
+    def prepare_closed_book(self, questions: list[str], answers: list[str] | None = None) -> GeneratorBatch:
+        """Generator inputs for the closed-book baseline: one "passage" row per question (k = 1), with the
+        answers as targets when given (closed-book training)."""
+        return self._with_answers(self._batch([self.format_closed_book(q) for q in questions], 1), answers)
+
+    def _batch(self, texts: list[str], k: int) -> GeneratorBatch:
+        raise NotImplementedError
+
+    def _with_answers(self, batch: GeneratorBatch, answers: list[str] | None) -> GeneratorBatch:
+        """`batch` with the answers' token ids as its targets (and their mask); unchanged if answers is None."""
         raise NotImplementedError
 
     def vocab_logprobs(self, batch: GeneratorBatch) -> Tensor:
@@ -309,14 +317,13 @@ class Seq2SeqGenerator(Generator):
     def prepare(self, questions, passages, answers=None) -> GeneratorBatch:
         questions = [self.generator_question(q) for q in questions]
         texts = [self.format_input(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
-        batch = self._batch(texts, len(passages[0]))
+        return self._with_answers(self._batch(texts, len(passages[0])), answers)
+
+    def _with_answers(self, batch: GeneratorBatch, answers: list[str] | None) -> GeneratorBatch:
         if answers is not None:
             tgt = self._encode_targets(text_target=list(answers))
             batch.targets, batch.target_mask = tgt["input_ids"].to(self.device), tgt["attention_mask"].to(self.device)
         return batch
-
-    def prepare_closed_book(self, questions: list[str]) -> GeneratorBatch:
-        return self._batch([self.format_closed_book(q) for q in questions], 1)
 
     def _decoder_inputs(self, targets: Tensor) -> Tensor:
         start = self.model.config.decoder_start_token_id
@@ -446,13 +453,12 @@ class DecoderOnlyGenerator(Generator):
 
     def prepare(self, questions, passages, answers=None) -> GeneratorBatch:
         prompts = [self.format_prompt(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
-        batch = self._batch(prompts, len(passages[0]))
+        return self._with_answers(self._batch(prompts, len(passages[0])), answers)
+
+    def _with_answers(self, batch: GeneratorBatch, answers: list[str] | None) -> GeneratorBatch:
         if answers is not None:
             batch.targets, batch.target_mask = self._answer_ids(list(answers))
         return batch
-
-    def prepare_closed_book(self, questions: list[str]) -> GeneratorBatch:
-        return self._batch([self.format_closed_book(q) for q in questions], 1)
 
     @staticmethod
     def _positions(mask: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """The dense index: document vectors d(z) in faiss for maximum inner product search (paper §2.2).
 
 `manifest` (the folder's files and what built them), `faiss_io` (reading, parameters, threads),
-`flat_search` (exact search as blocked GEMM), `dense_index` (the searcher), `build` (encode, assemble, add).
+`flat_search` (exact search as blocked GEMM), `dense_index` (the searcher), `build` (encode, assemble, add),
+`edit` (replace passages, re-encoding only those).
 """
 
 from latentrag.retrieval.index.build import (
@@ -17,11 +18,13 @@ from latentrag.retrieval.index.build import (
     encode_passages,
 )
 from latentrag.retrieval.index.dense_index import DenseIndex, index_info
+from latentrag.retrieval.index.edit import EDITS, replace_passages
 from latentrag.retrieval.index.manifest import EXACT, MANIFEST, PASSAGES, VECTORS, Manifest
 from latentrag.retrieval.index_plan import INDEX_TYPES
 
 __all__ = [
     "CHUNK_SIZE",
+    "EDITS",
     "EXACT",
     "INDEX_TYPES",
     "MANIFEST",
@@ -39,4 +42,5 @@ __all__ = [
     "default_index",
     "encode_passages",
     "index_info",
+    "replace_passages",
 ]

@@ -1,0 +1,192 @@
+"""Answers follow the index (paper §4.5): swap in a counterfactual copy of the index, no retraining, and count
+how often the model's answer changes to what the new index says.
+
+    python benchmarks/knowledge_swap.py --quick --threads 1          # a few questions, a few minutes on CPU
+    python benchmarks/knowledge_swap.py --model runs/default --limit 500
+
+Protocol (`latentrag.evaluation.knowledge_swap`): of the first --limit answerable questions of each data set,
+keep those whose gold answer is among the k retrieved passages and that the model answers correctly
+(exact match) with the original index; give each the gold answer of another kept question as a substitute
+(seeded pairing, same coarse kind preferred); rewrite every passage of the index that holds a kept
+question's answer so it states the substitute instead (all gold aliases, case-insensitive, whole words);
+re-encode only those passages with the document tower, copy every other vector
+(`latentrag.retrieval.index.replace_passages`); `model.swap_index` the copy and ask again. Reported: the
+share of answers that follow the swapped index (= the substitute), stay the original answer, or are
+something else, with 95 % bootstrap intervals. The paper: 70 % (2016 index) / 68 % (2018 index) of
+answers follow; our goal is ≥ 70 %.
+
+Writes benchmarks/results/knowledge-swap{-quick}.{json,md}; the counterfactual index goes to --work
+(reused when the edits are unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER = {"2016 index": 0.70, "2018 index": 0.68}
+GOAL = 0.70
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _rate(entry: dict) -> str:
+    if entry["rate"] is None:
+        return "–"
+    low, high = entry["ci95"]
+    return f"{100 * entry['rate']:.1f} [{100 * low:.1f}, {100 * high:.1f}] ({entry['count']})"
+
+
+def render(result: dict) -> str:
+    s, meta = result["settings"], result["run"]
+    lines = [
+        "# Answers follow the index (paper §4.5)" + (" — quick run" if meta["quick"] else ""),
+        "",
+        f"Model: {meta['model']}. Index: {meta['index']} ({result['index_passages']} passages). "
+        f"RAG-{s['mode'].title()}, k={s['k']}, max_new_tokens={s['max_new_tokens']}, match: **{s['match']}**"
+        + (" (SQuAD exact match, the paper's protocol)" if s["match"] == "em"
+           else " (DPR answer containment: the model answers in sentences, so exact match selects nothing)")
+        + f", seed {s['seed']}. Device: {meta['device']}; {meta['seconds']:.0f} s in all.",
+        "",
+        f"Reproduce: `{meta['command']}`",
+        "",
+        "## Result",
+        "",
+        "Share of the tested questions whose answer, after `model.swap_index(counterfactual)` (no retraining), "
+        "follows the swapped index (= the substitute), stays the original answer, or is neither; in %, with 95 % "
+        "percentile-bootstrap intervals and counts.",
+        "",
+        "| questions | n | follows | stays | other | substitute retrieved | follows, when retrieved |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [*result["per_dataset"].items(), ("all", result["overall"])]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['n']} | {_rate(r['follows'])} | {_rate(r['stays'])} | {_rate(r['other'])} | "
+                     f"{_pct(r['substitute_retrieved'])} | {_pct(r['follows_when_substitute_retrieved'])} |")
+    lines += [f"| paper, {name} (world leaders, BART-large RAG) | | {100 * v:.0f} | | | | |" for name, v in PAPER.items()]
+    follows = result["overall"]["follows"]["rate"]
+    met = follows is not None and follows >= GOAL
+    lines += [
+        "",
+        f"Goal: ≥ {100 * GOAL:.0f} % follow — **{'met' if met else 'not met'}** ({_pct(follows)} %).",
+        "",
+        "\"substitute retrieved\": a top-k passage of the swapped index states the substitute (the edit reached "
+        "the reader); \"original still retrieved\" (the original answer in a top-k passage after the swap — "
+        "another question's substitute, or a form the rewrite missed): "
+        f"{_pct(result['overall']['original_still_retrieved'])} %.",
+        "",
+        "## Selection",
+        "",
+        "| data set | answerable examined | answer in top-k | answered right (tested) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, c in result["selection"].items():
+        lines.append(f"| {name} | {c['examined']} | {c['answer_retrieved']} | {c['answered']} |")
+    reasons: dict[str, int] = {}
+    for d in result["dropped"]:
+        key = d.get("reason", d["why"])
+        reasons[key] = reasons.get(key, 0) + 1
+    lines += [
+        "",
+        f"{result['selected']} selected; {len(result['dropped'])} dropped before the swap"
+        + (" (" + "; ".join(f"{v}× {k}" for k, v in reasons.items()) + ")" if reasons else "")
+        + f"; {result['overall']['n']} tested. {result['edited_passages']} of {result['index_passages']} passages "
+        "were rewritten and re-encoded; every other vector was copied.",
+        "",
+        "## Examples",
+        "",
+        "| question | gold (as the index states it) | substitute | before | after | outcome |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["records"][:12]:
+        cells = [r["question"], r.get("stated") or r["gold"][0], r["substitute"], r["original_prediction"], r["swapped_prediction"],
+                 r["outcome"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    if meta.get("note"):
+        lines += ["", meta["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a saved RagModel folder (default: the default model)")
+    parser.add_argument("--index", default=None, help="index folder (default: the bundled wiki-leads index)")
+    parser.add_argument("--dataset", default="trivia-test,nq-test", help="comma-separated QA data sets")
+    parser.add_argument("--limit", type=int, default=500, help="answerable questions examined per data set")
+    parser.add_argument("--quick", action="store_true", help="20 questions per data set: minutes on a CPU")
+    parser.add_argument("--match", default="em", choices=["em", "contained"],
+                        help="em: exact match (the paper); contained: answer containment, for sentence answers")
+    parser.add_argument("--k", type=int, default=None, help="passages per question (default: the model's)")
+    parser.add_argument("--mode", default=None, choices=["token", "sequence"], help="default: the model's")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default=None, help="folder for the counterfactual index (default: in the cache)")
+    parser.add_argument("--out", default=None, help="results stem (default: benchmarks/results/knowledge-swap)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--note", default="", help="a paragraph to add to the report")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from latentrag.assets import cache_dir
+    from latentrag.atomic import atomic_write_text
+    from latentrag.cli import _quiet_transformers
+    from latentrag.errors import LatentRagError
+    from latentrag.evaluation.evaluate import EvalSettings, select_examples
+    from latentrag.evaluation.knowledge_swap import run_knowledge_swap
+    from latentrag.loading import load_model
+    from latentrag.threads import configure_threads
+
+    start = time.perf_counter()
+    threads = configure_threads(args.threads)
+    _quiet_transformers()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, args.index).to(device).eval()
+    index = model.retriever.index
+    limit = 20 if args.quick else args.limit
+    examples = {}
+    for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:
+        settings = EvalSettings(dataset=dataset, answerable_only=True, limit=limit)
+        examples[dataset], _ = select_examples(settings, index, progress=True)
+    work = Path(args.work) if args.work else cache_dir() / "knowledge-swap" / f"{index.directory.name}-counterfactual"
+    try:
+        result = run_knowledge_swap(model, examples, work, k=args.k, mode=args.mode, match=args.match,
+                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                    progress=True)
+    except LatentRagError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    result["run"] = {
+        "command": "python benchmarks/knowledge_swap.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "model": args.model or "the default model (`latentrag.loading.load_model()`: " + model.config.generator + ")",
+        "index": str(index.directory),
+        "quick": args.quick,
+        "limit_per_dataset": limit,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda")
+        else f"CPU, {threads} thread(s), {platform.machine()}",
+        "seconds": time.perf_counter() - start,
+        "paper_follow_rate": PAPER,
+        "goal": GOAL,
+        "note": args.note,
+    }
+    stem = Path(args.out) if args.out else RESULTS / ("knowledge-swap-quick" if args.quick else "knowledge-swap")
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2, ensure_ascii=False))
+    atomic_write_text(stem.with_suffix(".md"), render(result))
+    o = result["overall"]
+    print(f"follows {_pct(o['follows']['rate'])} %, stays {_pct(o['stays']['rate'])} %, other "
+          f"{_pct(o['other']['rate'])} % of {o['n']} questions; wrote {stem}.json/.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

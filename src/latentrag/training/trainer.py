@@ -1,0 +1,420 @@
+"""End-to-end fine-tuning (paper §2.4): the query tower and the generator trained jointly on (x, y) pairs by
+minimising −log p(y|x) under RAG-Sequence or RAG-Token (eq. 4), with no supervision on which passage to
+retrieve. The document tower and the index stay frozen; the top-k are re-retrieved with the current query
+tower at every step.
+
+    settings = TrainSettings(train="nq-dev,trivia-dev", out="runs/rag-token", mode="token", k=5, steps=600)
+    model_dir = train(settings)          # runs/rag-token/model: a RagModel folder (LoRA adapters + config)
+
+One step = `grad_accum` micro-batches of `batch_size` questions per process, AdamW, linear warmup then
+linear decay, gradient clipping. Under `torchrun --nproc-per-node N` each process takes its slice of
+every micro-batch and DDP averages the gradients, so N processes of batch b train as one of batch N·b.
+Checkpoints (`checkpoints.py`) every `save_every` steps make `--resume` continue bit for bit on CPU.
+
+Deliberate choices, each one the paper leaves open:
+* The query tower runs without dropout during training. With dropout the top-k of the same question
+  changes from step to step and p(z|x) is trained on a noisy ranking; retrieval should be a function of
+  the question. The document tower is always in eval mode (frozen).
+* Validation and generation run in eval mode; training mode is restored afterwards.
+* The target is an example's first gold answer (as Hugging Face's RAG fine-tuning scripts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from latentrag.atomic import atomic_write_text
+from latentrag.errors import LatentRagError
+from latentrag.training import checkpoints as ckpt
+from latentrag.training.curves import plot_learning_curve, read_log
+from latentrag.training.data import ExampleStream, TrainPair, load_pairs, split_validation
+from latentrag.training.validation import closed_book_loss, collapse_warning, validate
+
+RUN, LOG, CURVE, MODEL = "run.json", "log.jsonl", "learning_curve.png", "model"
+# settings that may change when a run is resumed: they do not change the weights
+_RESUMABLE = {"eval_every", "save_every", "keep_checkpoints"}
+
+
+@dataclass
+class TrainSettings:
+    """One training run, as plain values (saved as run.json; a resumed run must match them)."""
+
+    train: str  # "nq-dev,trivia-dev" or a .jsonl/.tsv of questions and answers
+    out: str
+    mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence)
+    k: int = 5
+    steps: int | None = None  # optimiser steps; or
+    epochs: float | None = None  # passes over the training pairs (default: 1)
+    batch_size: int = 4  # questions per micro-batch per process
+    grad_accum: int = 1
+    lr: float | None = None  # default: 3e-4 with LoRA, 3e-5 for full fine-tuning
+    warmup: int | None = None  # steps of linear warm-up (default: 6 % of the steps)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    label_smoothing: float | None = None  # default: the model's (0)
+    lora_rank: int = 16  # LoRA on the generator; 0 = full fine-tuning
+    query_lora_rank: int | None = None  # LoRA on the query tower (default: lora_rank; 0 = train it fully)
+    freeze_query_encoder: bool = False  # the paper's "frozen retriever" ablation
+    retrieval_scale: float | None = None  # s in p(z|x) ∝ exp(s·d(z)ᵀq(x)) to start from (default: the model's)
+    learn_retrieval_scale: bool = False
+    closed_book: bool = False  # the generator alone, no retrieval: the parametric-only baseline
+    answerable_only: bool = False  # keep questions with a gold answer in some passage of the index
+    val: str | None = None  # a held-out file; default: a fraction of the training data
+    val_fraction: float = 0.02
+    val_questions: int = 100  # validation questions used at each evaluation
+    eval_every: int = 100
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str | None = None  # "cpu" or "cuda" (default: cuda when available)
+    precision: str = "auto"  # "fp32", "bf16" (autocast), "auto" = bf16 on CUDA, fp32 on CPU
+    max_new_tokens: int = 16  # validation answers
+    # the model to start from: a saved RagModel folder, or base components (names or folders)
+    model: str | None = None
+    index: str | None = None  # default: the bundled wiki-leads index
+    query_encoder: str | None = None
+    document_encoder: str | None = None
+    generator: str | None = None
+    max_input_length: int | None = None
+
+    def check(self) -> None:
+        from latentrag.rag_types import rag_type
+
+        rag_type(self.mode)
+        positive = {"k": self.k, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "eval_every": self.eval_every, "save_every": self.save_every, "val_questions": self.val_questions,
+                    "max_new_tokens": self.max_new_tokens, "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if value < 1:
+                raise LatentRagError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.steps is not None and self.epochs is not None:
+            raise LatentRagError("give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
+            raise LatentRagError("--steps and --epochs must be positive")
+        if self.lora_rank < 0 or (self.query_lora_rank or 0) < 0:
+            raise LatentRagError("LoRA ranks must be 0 (full fine-tuning) or positive")
+        if self.lr is not None and self.lr <= 0 or self.warmup is not None and self.warmup < 0:
+            raise LatentRagError("--lr must be positive and --warmup non-negative")
+        if self.retrieval_scale is not None and self.retrieval_scale <= 0:
+            raise LatentRagError(f"--retrieval-scale must be positive, got {self.retrieval_scale}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise LatentRagError(f"--precision is auto, fp32 or bf16, got '{self.precision}'")
+        if self.device not in (None, "cpu", "cuda"):
+            raise LatentRagError(f"--device is cpu or cuda, got '{self.device}'")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise LatentRagError("--device cuda, but no CUDA device is available")
+        if self.model and any((self.query_encoder, self.document_encoder, self.generator)):
+            raise LatentRagError("--model starts from a saved model: do not also name its encoders or generator")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (3e-4 if self.lora_rank else 3e-5)
+
+
+# ---- the objective ------------------------------------------------------------------------------------
+class Objective(nn.Module):
+    """What a step minimises, per question: −log p(y|x) (eq. 4) under RAG-Sequence or RAG-Token — exactly
+    `RagModel.forward` — or, closed-book, −log p_θ(y|x) of the generator alone. DDP wraps this module."""
+
+    def __init__(self, model, mode: str, k: int, closed_book: bool):
+        super().__init__()
+        self.model, self.mode, self.k, self.closed_book = model, mode, k, closed_book
+
+    def forward(self, questions: list[str], answers: list[str]) -> torch.Tensor:
+        if self.closed_book:
+            return closed_book_loss(self.model, questions, answers, self.mode)
+        return self.model(questions, answers, mode=self.mode, k=self.k)
+
+
+# ---- set-up -------------------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun, initialising the process group once; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("LATENTRAG_DDP_BACKEND")
+                                != "gloo" else "gloo")
+    return dist.get_rank(), world
+
+
+def _check_out(out: Path, settings: dict, resume: bool) -> None:
+    """Refuse, before any work, an output folder that holds another run or other files."""
+    if out.exists() and not out.is_dir():
+        raise LatentRagError(f"--out {out} is a file: give a folder for the run")
+    run_file = out / RUN
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        if not resume:
+            raise LatentRagError(f"{out} already holds a training run: pass --resume to continue it, or choose "
+                                 "another --out")
+        changed = sorted(k for k in settings if k not in _RESUMABLE and previous.get(k) != settings[k])
+        if changed:
+            raise LatentRagError(
+                f"{out} holds a run with other settings ({', '.join(f'{k}: {previous.get(k)!r} → {settings[k]!r}' for k in changed[:4])}): "
+                "resume with the settings it started with, or choose another --out"
+            )
+    elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise LatentRagError(f"{out} is a non-empty folder that holds no training run: choose a new or empty --out")
+
+
+def _resolve_index(name: str | None):
+    from latentrag.retrieval.index import DenseIndex
+
+    if name is None:
+        from latentrag.retrieval.index import default_index
+
+        return DenseIndex.load(default_index())
+    return DenseIndex.load(name)
+
+
+def _answerable(pairs: list[TrainPair], index) -> list[TrainPair]:
+    from latentrag.evaluation.evaluate import AnswerFinder
+
+    finder = AnswerFinder(p.text for p in index.store)
+    return [p for p in pairs if finder.contains(p.answers)]
+
+
+def load_data(s: TrainSettings, index) -> tuple[list[TrainPair], list[TrainPair], dict]:
+    """Training and validation pairs (answerable filter first, then the split) and what was kept."""
+    pairs = load_pairs(s.train)
+    info = {"train_questions_total": len(pairs)}
+    val = load_pairs(s.val) if s.val else None
+    if s.answerable_only:
+        pairs = _answerable(pairs, index)
+        val = _answerable(val, index) if val is not None else None
+        info["train_questions_answerable"] = len(pairs)
+        if not pairs:
+            raise LatentRagError(f"no question of {s.train} has its answer in a passage of the index")
+    if val is None:
+        pairs, val = split_validation(pairs, s.val_fraction, s.seed)
+    else:
+        val_questions = {p.question for p in val}
+        pairs = [p for p in pairs if p.question not in val_questions]  # never validate on a training question
+    info.update({"train_questions": len(pairs), "validation_questions": len(val),
+                 "validation_questions_used": min(len(val), s.val_questions)})
+    return pairs, val[: s.val_questions], info
+
+
+def build_model(s: TrainSettings, index, device: torch.device):
+    """The model to train, with LoRA adapters and trainable parts set as the settings ask."""
+    from latentrag.adapters import add_lora
+    from latentrag.model import RagModel
+
+    overrides = {"mode": s.mode, "k": s.k}
+    if s.label_smoothing is not None:
+        overrides["label_smoothing"] = s.label_smoothing
+    if s.max_input_length is not None:
+        overrides["max_input_length"] = s.max_input_length
+    if s.model:
+        model = RagModel.from_pretrained(s.model, index=index)
+        for key, value in overrides.items():
+            setattr(model.config, key, value)
+    else:
+        names = {"query_encoder": s.query_encoder, "document_encoder": s.document_encoder, "generator": s.generator}
+        model = RagModel.from_components(index=index, **{k: v for k, v in names.items() if v}, **overrides)
+    model.requires_grad_(False)
+    generator = model.generator
+    if s.lora_rank:
+        add_lora(generator.model, s.lora_rank)
+    else:
+        generator.model.requires_grad_(True)
+    tower = model.retriever.query_encoder
+    query_rank = s.lora_rank if s.query_lora_rank is None else s.query_lora_rank
+    if not (s.freeze_query_encoder or s.closed_book):
+        if query_rank:
+            add_lora(tower.model, query_rank)
+        else:
+            tower.model.requires_grad_(True)
+    if s.retrieval_scale is not None:
+        with torch.no_grad():
+            model.retriever.log_scale.fill_(math.log(s.retrieval_scale))
+    model.retriever.log_scale.requires_grad_(s.learn_retrieval_scale and not s.closed_book)
+    model.config.learn_retrieval_scale = s.learn_retrieval_scale
+    return model.to(device)
+
+
+def _optimizer(model: nn.Module, s: TrainSettings, total_steps: int):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.learning_rate)
+    warmup = s.warmup if s.warmup is not None else max(1, round(0.06 * total_steps))
+
+    def schedule(step: int) -> float:  # linear warm-up to lr, then linear decay to 0 at the last step
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _train_mode(model) -> None:
+    """Training mode for the generator; the towers stay in eval mode (no dropout in retrieval, see above)."""
+    model.train()  # leaves the frozen document tower in eval mode
+    model.retriever.eval()
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_log(path: Path, step: int) -> list[dict]:
+    """Keep the log up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    kept = [r for r in read_log(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def train(settings: TrainSettings, resume: bool = False, progress: bool = True) -> Path:
+    """Train and return the folder of the final model (`out/model`, loadable with `RagModel.from_pretrained`)."""
+    from tqdm.auto import tqdm
+
+    s = settings
+    s.check()
+    out = Path(s.out).expanduser()
+    record = {k: v for k, v in asdict(s).items() if k != "out"}
+    _check_out(out, record, resume)
+    rank, world = _distributed()
+    main = rank == 0
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda")
+
+    index = None if s.closed_book and not s.answerable_only and s.index is None else _resolve_index(s.index)
+    train_pairs, val_pairs, info = load_data(s, index)
+    if index is not None and s.k > len(index):
+        raise LatentRagError(f"--k {s.k} is larger than the index ({len(index)} passages)")
+    global_batch = s.batch_size * world * s.grad_accum
+    total_steps = s.steps or max(1, math.ceil((s.epochs or 1.0) * len(train_pairs) / global_batch))
+
+    random.seed(s.seed)
+    torch.manual_seed(s.seed)
+    model = build_model(s, index, device)
+    objective = Objective(model, s.mode, s.k, s.closed_book)
+    optimizer, scheduler = _optimizer(model, s, total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise LatentRagError("nothing to train: every part is frozen")
+    step, position, elapsed = 0, 0, 0.0
+    log_path = out / LOG
+    saved = ckpt.checkpoints(out)
+    if resume and saved:
+        state = ckpt.load_checkpoint(saved[-1], model, optimizer, scheduler)
+        step, position, elapsed = state["step"], state["position"], state.get("elapsed", 0.0)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / RUN, json.dumps({**record, "data": info, "total_steps": total_steps,
+                                                 "world_size": world, "global_batch": global_batch}, indent=2))
+        _truncate_log(log_path, step)
+    wrapped = objective
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+    stream = ExampleStream(train_pairs, s.seed, position)
+    trainable_count = sum(p.numel() for p in trainable)
+    if main:
+        print(f"training {trainable_count:,} parameters for {total_steps} steps of {global_batch} questions "
+              f"({len(train_pairs)} training, {len(val_pairs)} validation questions) → {out}", file=sys.stderr)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
+    _train_mode(model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    started = time.perf_counter() - elapsed
+    running = None
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(s.grad_accum):
+                batch = stream.take(s.batch_size * world)[rank * s.batch_size : (rank + 1) * s.batch_size]
+                sync = world == 1 or micro == s.grad_accum - 1
+                with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
+                    loss = wrapped([p.question for p in batch], [p.answer for p in batch]).mean()
+                (loss / s.grad_accum).backward()
+                step_loss += loss.item() / s.grad_accum
+            if not math.isfinite(step_loss):
+                raise LatentRagError(f"the loss became {step_loss} at step {step + 1}: lower --lr, or resume from "
+                                     "the last checkpoint with other settings")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, s.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running = step_loss if running is None else 0.9 * running + 0.1 * step_loss
+            seconds = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{running:.3f}", ex_s=f"{global_batch / seconds:.2f}")
+            bar.update(1)
+            if main:
+                _append_log(log_path, {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                       "grad_norm": grad_norm, "examples": stream.position, "epoch": stream.epoch,
+                                       "seconds": seconds, "scale": model.retriever.log_scale.detach().exp().item()})
+            if step % s.eval_every == 0 or step == total_steps:
+                if main:
+                    _validate(model, val_pairs, s, step, log_path, bar)
+                    _train_mode(model)
+                _barrier(world)
+            if step % s.save_every == 0 or step == total_steps:
+                if main:
+                    ckpt.save_checkpoint(out, step, model, optimizer, scheduler,
+                                         {"position": stream.position, "elapsed": time.perf_counter() - started},
+                                         keep=s.keep_checkpoints)
+                _barrier(world)
+    finally:
+        bar.close()
+    if main:
+        model.save_pretrained(out / MODEL)
+        plot_learning_curve(read_log(log_path), out / CURVE, title=f"{out.name}: RAG-{s.mode.title()}"
+                            + (" closed-book" if s.closed_book else f", k={s.k}"))
+        print(f"trained model: {out / MODEL}  (learning curve: {out / CURVE})", file=sys.stderr)
+    _barrier(world)
+    return out / MODEL
+
+
+def _validate(model, val_pairs, s: TrainSettings, step: int, log_path: Path, bar) -> None:
+    """Validate, log, and warn if retrieval is collapsing (over every validation of the run so far)."""
+    metrics = validate(model, val_pairs, s.mode, s.k, max_new_tokens=s.max_new_tokens, closed_book=s.closed_book)
+    _append_log(log_path, {"step": step, "val": metrics})
+    shown = {key: round(v, 3) for key, v in metrics.items() if key in ("exact_match", "loss", "recall@5",
+                                                                        "prior_entropy", "distinct_top1")}
+    bar.write(f"step {step}: validation {shown}")
+    history = [r["val"] for r in read_log(log_path) if "val" in r]
+    message = collapse_warning(history)
+    if message:
+        warnings.warn(message, stacklevel=2)
+        bar.write(f"warning: {message}")
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def settings_from(values: dict) -> TrainSettings:
+    """TrainSettings from a dict (the CLI's, or a run.json), ignoring keys it does not know."""
+    known = {f.name for f in fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in values.items() if k in known})
