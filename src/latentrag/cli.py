@@ -39,7 +39,8 @@ def load_model(args) -> object:
     from latentrag.loading import load_model as load
 
     return load(getattr(args, "model", None), getattr(args, "index", None), ray=getattr(args, "ray", False),
-                address=getattr(args, "address", None))
+                address=getattr(args, "address", None), document_encoder=getattr(args, "document_encoder", None),
+                device=getattr(args, "device", None))
 
 
 # ---- commands ---------------------------------------------------------------------------------------
@@ -75,6 +76,21 @@ def cmd_index_add(args) -> int:
                                        passage_words=args.passage_words, batch_size=args.batch_size,
                                        progress=not args.quiet)
     print(f"added {added} passages to {args.directory} (now {len(index)})", file=sys.stderr)
+    return 0
+
+
+def cmd_index_import(args) -> int:
+    """Published vectors (DPR shards + psgs_w100.tsv, or a Hugging Face datasets folder) -> an index."""
+    from latentrag.retrieval.index.importers import IMPORT_CHUNK_SIZE, import_index
+
+    index = import_index(args.out, args.encoder_name, dpr_embeddings=args.dpr_embeddings, passages=args.passages,
+                         hf_dataset=args.hf_dataset, load_encoder=not args.no_load_encoder,
+                         index_type=args.index_type, exact_vectors=args.exact_vectors, resume=args.resume,
+                         chunk_size=args.chunk_size or IMPORT_CHUNK_SIZE, progress=not args.quiet)
+    named = index.manifest.encoder.get("verified", True)
+    note = "" if named else " (encoder recorded by name only: its weights were not loaded)"
+    print(f"imported {index.manifest.index_type} index of {len(index)} passages (dim {index.dim}) into {args.out}"
+          f"{note}", file=sys.stderr)
     return 0
 
 
@@ -251,6 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--quiet", action="store_true")
     add.set_defaults(func=cmd_index_add)
 
+    imp = index.add_parser("import", help="an index from published vectors (DPR shards or a HF dataset), no encoding")
+    imp.add_argument("--dpr-embeddings", default=None, help="glob of DPR's wikipedia_passages_*.pkl shards")
+    imp.add_argument("--passages", default=None, help="DPR's psgs_w100.tsv (id, text, title) for --dpr-embeddings")
+    imp.add_argument("--hf-dataset", default=None,
+                     help="a datasets save_to_disk folder or .arrow file with title, text, embeddings")
+    imp.add_argument("--out", required=True, help="index folder")
+    imp.add_argument("--encoder-name", required=True,
+                     help="the document tower the vectors came from, e.g. facebook/dpr-ctx_encoder-single-nq-base")
+    imp.add_argument("--no-load-encoder", action="store_true",
+                     help="record the encoder by name only (do not load its weights to fingerprint them)")
+    imp.add_argument("--index-type", default="flat", choices=list(INDEX_TYPES))
+    imp.add_argument("--chunk-size", type=int, default=None, help="vectors per saved chunk (default 65536)")
+    imp.add_argument("--resume", action="store_true", help="continue an interrupted import")
+    imp.add_argument("--exact-vectors", action=argparse.BooleanOptionalAction, default=None,
+                     help="keep exact float32 vectors (default: only for sq8/pq types)")
+    imp.add_argument("--quiet", action="store_true")
+    imp.set_defaults(func=cmd_index_import)
+
     info = index.add_parser("info", help="print an index's manifest and counts")
     info.add_argument("directory")
     info.add_argument("--json", action="store_true")
@@ -277,9 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=None,
                      help="answer length limit (default: the model's, 32 for the bundled models)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
-    ask.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ask.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name (default: bundled models)")
     ask.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
     ask.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
+    ask.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")
+    ask.add_argument("--document-encoder", default=None,
+                       help="HF RAG checkpoints: the tower the index's vectors came from "
+                            "(default facebook/dpr-ctx_encoder-single-nq-base)")
     ask.add_argument("--json", action="store_true")
     ask.set_defaults(func=cmd_ask)
 
@@ -322,9 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
-    ev.add_argument("--model", default=None, help="a saved RagModel folder (default: bundled models)")
+    ev.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name (default: bundled models)")
     ev.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
     ev.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
+    ev.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")
+    ev.add_argument("--document-encoder", default=None,
+                       help="HF RAG checkpoints: the tower the index's vectors came from "
+                            "(default facebook/dpr-ctx_encoder-single-nq-base)")
     ev.set_defaults(func=cmd_eval)
 
     tr = sub.add_parser("train", help="fine-tune the query tower and the generator end to end (paper §2.4)")

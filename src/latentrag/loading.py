@@ -24,14 +24,28 @@ def open_index(index: str | Path | None = None, progress: bool = True, ray: bool
     return DenseIndex.load(index_dir)
 
 
-def load_model(model: str | Path | None = None, index: str | Path | None = None, progress: bool = True,
-               ray: bool = False, address: str | None = None):
-    """A RagModel from a `save_pretrained` folder (else the bundled MiniLM towers and SmolLM2), searching
-    `index` (else `retrieval.index.default_index()`, built with a progress bar the first time); with `ray`
-    the index is a sharded one searched by Ray actors (see `open_index`)."""
+def load_model(model: str | Path | None = None, index: str | Path | None = None, progress: bool = True, *,
+               ray: bool = False, address: str | None = None, document_encoder: str | None = None,
+               device: str | None = None):
+    """A RagModel from a `save_pretrained` folder or a Hugging Face RAG checkpoint (folder or hub name; else
+    the bundled MiniLM towers and SmolLM2), searching `index` (else `retrieval.index.default_index()`, built
+    with a progress bar the first time); with `ray` the index is a sharded one searched by Ray actors (see
+    `open_index`). document_encoder: for a HF RAG checkpoint, the tower the index's vectors came from (see
+    `latentrag.hf_rag`). device: a torch device to move the model to (e.g. "cuda")."""
+    from latentrag.errors import LatentRagError
     from latentrag.model import RagConfig, RagModel
 
     searcher = open_index(index, progress=progress, ray=ray, address=address)
-    loaded = RagModel.from_pretrained(model) if model else RagModel.from_components(config=RagConfig())
-    loaded.retriever.swap_index(searcher)  # any searcher: checked against the query tower's document encoder
+    if model:
+        extra = {"document_encoder": document_encoder} if document_encoder else {}
+        loaded = RagModel.from_pretrained(model, index=searcher, **extra)
+    else:
+        loaded = RagModel.from_components(index=searcher, config=RagConfig())
+    if device and device != "cpu":
+        import torch
+
+        try:
+            loaded.to(torch.device(device))
+        except (RuntimeError, AssertionError) as e:
+            raise LatentRagError(f"cannot move the model to device '{device}': {e}") from e
     return loaded

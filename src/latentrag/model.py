@@ -146,15 +146,23 @@ class RagModel(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, index: str | Path | Searcher | None = None) -> RagModel:
-        """Load a saved model. A part saved as LoRA adapters (`<part>_adapter/`) is its base model, named in the
-        config, with the adapters folded into its weights (`adapters.merge_lora`: base-model speed)."""
+    def from_pretrained(cls, directory: str | Path, index: str | Path | Searcher | None = None,
+                        **hf_options) -> RagModel:
+        """Load a saved model, or a Hugging Face RAG checkpoint (folder or hub name; see `latentrag.hf_rag`, whose
+        `document_encoder=` option names the tower that made the index's vectors). A part saved as LoRA adapters
+        (`<part>_adapter/`) is its base model, named in the config, with the adapters folded into its weights
+        (`adapters.merge_lora`: base-model speed)."""
+        from latentrag import hf_rag
         from latentrag.adapters import load_lora, merge_lora
 
+        path = Path(directory) / CONFIG_FILE
+        if not path.exists() and hf_rag.hf_rag_config(directory) is not None:
+            return hf_rag.load_hf_rag(directory, index=index, **hf_options)
         directory = Path(directory)
-        path = directory / CONFIG_FILE
         if not path.exists():
-            raise LatentRagError(f"{directory} is not a saved latentrag model (no {CONFIG_FILE})")
+            raise LatentRagError(
+                f"{directory} is not a saved latentrag model (no {CONFIG_FILE}), nor a Hugging Face RAG checkpoint"
+            )
         config = RagConfig(**json.loads(path.read_text()))
         for part in PARTS:
             if (directory / part).is_dir():

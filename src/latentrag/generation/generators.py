@@ -18,8 +18,10 @@ serves many threads.
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,9 @@ from latentrag.errors import LatentRagError, LatentRagWarning
 from latentrag.generation import shared_context
 from latentrag.retrieval.corpus import Passage
 from latentrag.tokenizing import FixedTokenizer
+
+INPUT_FORMAT_FILE = "latentrag_input_format.json"  # a seq2seq generator's separators/prefix, when not the defaults
+QUESTION_TOKENIZER_DIR = "question_tokenizer"
 
 
 @dataclass
@@ -58,7 +63,8 @@ class DecodeState:
 
 
 def _clean_title(title: str) -> str:
-    return title[1:-1] if len(title) > 1 and title.startswith('"') and title.endswith('"') else title
+    """Strip a leading and a trailing double quote (psgs_w100 quotes some titles), as HF's RagRetriever does."""
+    return title.removeprefix('"').removesuffix('"')
 
 
 class Generator(nn.Module):
@@ -247,9 +253,22 @@ class Seq2SeqGenerator(Generator):
 
     kind = "seq2seq"
     title_sep, doc_sep = " / ", " // "
+    prefix: str | None = None  # None: the model config's `prefix`, as HF's RAG
+    # Set (e.g. for Hugging Face RAG checkpoints): questions reach the generator as this tokenizer's
+    # decode(encode(question)) -- HF's RagRetriever feeds the generator the question encoder's decoded tokens
+    # (lower-cased by DPR's uncased BERT), so checkpoints trained there expect that text.
+    question_tokenizer = None
 
     def _share_contexts(self) -> bool:
         return shared_context.enable_cross(self.model)
+
+    def configure_input(self, title_sep: str = " / ", doc_sep: str = " // ", prefix: str | None = None,
+                        question_tokenizer=None) -> None:
+        """The encoder input "prefix + title + title_sep + text + doc_sep + question" for this model."""
+        self.title_sep, self.doc_sep, self.prefix, self.question_tokenizer = title_sep, doc_sep, prefix, question_tokenizer
+        # a private fixed-settings copy: safe from many threads (see latentrag.tokenizing)
+        self._encode_question = None if question_tokenizer is None else FixedTokenizer(question_tokenizer,
+                                                                                        truncation=True)
 
     def _tokenizers(self) -> None:
         self._encode_inputs = FixedTokenizer(self.tokenizer, padding=True, truncation=True,
@@ -257,10 +276,12 @@ class Seq2SeqGenerator(Generator):
         self._encode_targets = FixedTokenizer(self.tokenizer, padding=True, return_tensors="pt")
 
     def _prefix(self) -> str:
-        return getattr(self.model.config, "prefix", None) or ""  # T5's task prefix
+        if self.prefix is not None:
+            return self.prefix
+        return getattr(self.model.config, "prefix", None) or ""  # T5's task prefix (and HF RAG's `prefix`)
 
     def input_text(self, question: str, passage: Passage) -> str:
-        return self.format_input(question, passage)
+        return self.format_input(self.generator_question(question), passage)
 
     @property
     def truncates(self) -> str:
@@ -271,13 +292,30 @@ class Seq2SeqGenerator(Generator):
         return text.replace("  ", " ")
 
     def format_closed_book(self, question: str) -> str:
-        return self._prefix() + question
+        return self._prefix() + self.generator_question(question)
+
+    def generator_question(self, question: str) -> str:
+        """The question as the generator reads it: as given, or (HF RAG checkpoints) decode(encode(question))."""
+        if self.question_tokenizer is None:
+            return question
+        ids = self._encode_question(question)["input_ids"]
+        return self._encode_question.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save_pretrained(self, directory) -> None:
+        super().save_pretrained(directory)
+        if (self.title_sep, self.doc_sep, self.prefix, self.question_tokenizer) != (" / ", " // ", None, None):
+            settings = {"title_sep": self.title_sep, "doc_sep": self.doc_sep, "prefix": self.prefix,
+                        "question_tokenizer": self.question_tokenizer is not None}
+            if self.question_tokenizer is not None:
+                self.question_tokenizer.save_pretrained(Path(directory) / QUESTION_TOKENIZER_DIR)
+            (Path(directory) / INPUT_FORMAT_FILE).write_text(json.dumps(settings, indent=2))
 
     def _batch(self, texts: list[str], k: int) -> GeneratorBatch:
         enc = self._encode_inputs(texts, max_length=self.max_input_length)
         return GeneratorBatch(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), k)
 
     def prepare(self, questions, passages, answers=None) -> GeneratorBatch:
+        questions = [self.generator_question(q) for q in questions]
         texts = [self.format_input(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
         return self._with_answers(self._batch(texts, len(passages[0])), answers)
 
@@ -494,6 +532,18 @@ class DecoderOnlyGenerator(Generator):
         return DecodeState(_select_cache(state.cache, rows), state.attention_mask.index_select(0, rows), extra)
 
 
+def _load_input_format(generator: Seq2SeqGenerator, directory: Path) -> None:
+    path = directory / INPUT_FORMAT_FILE
+    if not path.exists():
+        return
+    from transformers import AutoTokenizer
+
+    settings = json.loads(path.read_text())
+    question_tokenizer = (AutoTokenizer.from_pretrained(directory / QUESTION_TOKENIZER_DIR)
+                          if settings.get("question_tokenizer") else None)
+    generator.configure_input(settings["title_sep"], settings["doc_sep"], settings.get("prefix"), question_tokenizer)
+
+
 def load_generator(name_or_path: str, max_input_length: int = 512) -> Generator:
     """Load a generator, choosing its kind from the config: encoder-decoder -> seq2seq, else decoder-only.
 
@@ -506,9 +556,11 @@ def load_generator(name_or_path: str, max_input_length: int = 512) -> Generator:
         config = AutoConfig.from_pretrained(resolved)
         tokenizer = AutoTokenizer.from_pretrained(resolved)
         if config.is_encoder_decoder:
-            return Seq2SeqGenerator(
+            generator = Seq2SeqGenerator(
                 AutoModelForSeq2SeqLM.from_pretrained(resolved), tokenizer, name_or_path, max_input_length
             )
+            _load_input_format(generator, Path(resolved))
+            return generator
         return DecoderOnlyGenerator(
             AutoModelForCausalLM.from_pretrained(resolved), tokenizer, name_or_path, max_input_length
         )
