@@ -42,9 +42,10 @@ def load_model(model: str | Path | None = None, index: str | Path | None = None,
     model = model or trained_default_dir()
     if model and str(model) != BASE_MODEL:
         extra = {"document_encoder": document_encoder} if document_encoder else {}
-        loaded = RagModel.from_pretrained(model, index=searcher, **extra)
+        loaded = RagModel.from_pretrained(model, **extra)
     else:
-        loaded = RagModel.from_components(index=searcher, config=RagConfig())
+        loaded = RagModel.from_components(config=RagConfig())
+    loaded.swap_index(searcher)  # any searcher, checked against the query tower's document encoder
     if device and device != "cpu":
         import torch
 
