@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench train-default clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-assets.txt pyproject.toml
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # browser test (root)
@@ -22,6 +22,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The shipped fine-tuned default (docs/training.md#the-trained-default): resumable; the model is copied into the
+# package (src/latentrag/default_model), where `ask`, `eval`, `demo` and `serve` load it by default.
+TRAIN_DEFAULT := --train nq-dev,trivia-dev --answerable-only --mode token --k 3 --steps 300 --batch-size 4 \
+	--lora-rank 16 --retrieval-scale 20 --learn-retrieval-scale --val-questions 50 --eval-every 100 \
+	--save-every 25 --seed 0
+train-default: $(STAMP)
+	$(BIN)/latentrag --threads 2 train $(TRAIN_DEFAULT) --out runs/default --resume
+	rm -rf src/latentrag/default_model.tmp && cp -r runs/default/model src/latentrag/default_model.tmp
+	rm -rf src/latentrag/default_model && mv src/latentrag/default_model.tmp src/latentrag/default_model
+	@echo "trained default: src/latentrag/default_model (run folder: runs/default)"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/retrieval.py --quick

@@ -241,3 +241,16 @@ def test_collapse_warning():
     assert collapse_warning([ok]) is None
     assert "collapsing" in collapse_warning([ok, {**ok, "most_common_top1": 0.6}])
     assert "fell" in collapse_warning([ok, {**ok, "distinct_top1": 0.3}])
+
+
+def test_the_shipped_trained_default_is_what_load_model_loads(parts, tmp_path, monkeypatch):
+    import latentrag.assets as assets
+    from latentrag.loading import load_model
+
+    model_dir = train(_settings(parts, tmp_path / "run", steps=1), progress=False)
+    assert (model_dir / "generator_adapter").is_dir() and not (model_dir / "generator").exists()
+    monkeypatch.setattr(assets, "TRAINED_DEFAULT_DIR", model_dir)
+    loaded = load_model(index=parts / "index", progress=False)
+    assert loaded.config.k == 3 and "generator" in loaded._merged_adapters
+    monkeypatch.setattr(assets, "TRAINED_DEFAULT_DIR", tmp_path / "none")
+    assert assets.trained_default_dir() is None

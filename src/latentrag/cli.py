@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER
-from latentrag.defaults import DEFAULT_K, PASSAGE_WORDS
+from latentrag.defaults import PASSAGE_WORDS
 from latentrag.errors import LatentRagError, LatentRagWarning
 
 SAMPLE_QUESTIONS = [
@@ -204,7 +204,7 @@ def cmd_serve(args) -> int:
 
 def cmd_demo(args) -> int:
     model = load_model(args)
-    for answer in model.generate(SAMPLE_QUESTIONS, mode="token", decoding="greedy", k=DEFAULT_K):
+    for answer in model.generate(SAMPLE_QUESTIONS, decoding="greedy"):  # as the model was trained (mode, k)
         print(f"Q: {answer.question}\nA: {answer.text}")
         for p, prob in zip(answer.passages[:3], answer.doc_probs[:3], strict=True):
             print(f"   p(z|x)={prob:.3f}  {p.title}")
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=None,
                      help="answer length limit (default: the model's, 32 for the bundled models)")
     ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
-    ask.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name (default: bundled models)")
+    ask.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name; 'base': the bundled models "
+                     "untrained (default: the shipped fine-tuned model)")
     ask.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
     ask.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
     ask.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")
@@ -360,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
-    ev.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name (default: bundled models)")
+    ev.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name; 'base': the bundled models "
+                     "untrained (default: the shipped fine-tuned model)")
     ev.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
     ev.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
     ev.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")

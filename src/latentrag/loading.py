@@ -1,5 +1,6 @@
-"""One call from "what the user named" to a ready RagModel: a saved model folder or the bundled models,
-over a given index folder or the bundled wiki-leads index (built once into the cache on first use)."""
+"""One call from "what the user named" to a ready RagModel: a saved model folder, a Hugging Face RAG
+checkpoint, the shipped fine-tuned default or (`"base"`) the bundled models as they ship, over a given index
+folder or the bundled wiki-leads index (built once into the cache on first use)."""
 
 from __future__ import annotations
 
@@ -27,20 +28,24 @@ def open_index(index: str | Path | None = None, progress: bool = True, ray: bool
 def load_model(model: str | Path | None = None, index: str | Path | None = None, progress: bool = True, *,
                ray: bool = False, address: str | None = None, document_encoder: str | None = None,
                device: str | None = None):
-    """A RagModel from a `save_pretrained` folder or a Hugging Face RAG checkpoint (folder or hub name; else
-    the bundled MiniLM towers and SmolLM2), searching `index` (else `retrieval.index.default_index()`, built
+    """A RagModel from a `save_pretrained` folder or a Hugging Face RAG checkpoint (folder or hub name); by
+    default the shipped fine-tuned model (`assets.trained_default_dir()`), and with "base" (or when no
+    trained default ships) the bundled MiniLM towers and SmolLM2 as they are; searching `index` (else `retrieval.index.default_index()`, built
     with a progress bar the first time); with `ray` the index is a sharded one searched by Ray actors (see
     `open_index`). document_encoder: for a HF RAG checkpoint, the tower the index's vectors came from (see
     `latentrag.hf_rag`). device: a torch device to move the model to (e.g. "cuda")."""
+    from latentrag.assets import BASE_MODEL, trained_default_dir
     from latentrag.errors import LatentRagError
     from latentrag.model import RagConfig, RagModel
 
     searcher = open_index(index, progress=progress, ray=ray, address=address)
-    if model:
+    model = model or trained_default_dir()
+    if model and str(model) != BASE_MODEL:
         extra = {"document_encoder": document_encoder} if document_encoder else {}
-        loaded = RagModel.from_pretrained(model, index=searcher, **extra)
+        loaded = RagModel.from_pretrained(model, **extra)
     else:
-        loaded = RagModel.from_components(index=searcher, config=RagConfig())
+        loaded = RagModel.from_components(config=RagConfig())
+    loaded.swap_index(searcher)  # any searcher, checked against the query tower's document encoder
     if device and device != "cpu":
         import torch
 

@@ -2,7 +2,7 @@
 
 The bundled index is resolved and built by the library (`latentrag.retrieval.index.default_index`, as the
 CLI does); what is the server's own is the indexes root (a folder of index folders, named by folder name)
-and the trained default model.
+(the model is `loading.load_model`'s: a folder, the shipped trained default, or "base").
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from latentrag.errors import LatentRagError
 from latentrag.retrieval.index import MANIFEST
 
 DEFAULT_INDEX = "wiki-leads-minilm-flat"  # = default_index().name: the bundled corpus and tower, exact search
-TRAINED_MODEL = "rag-default"  # where a trained default model is saved under the cache's models/
 
 
 def default_indexes_root() -> Path:
@@ -21,25 +20,6 @@ def default_indexes_root() -> Path:
     from latentrag.assets import default_index_dir
 
     return default_index_dir().parent
-
-
-def trained_model_dir() -> Path | None:
-    """The trained default model (a saved RagModel under the cache), if one has been saved there."""
-    from latentrag.assets import cache_dir
-    from latentrag.model import CONFIG_FILE
-
-    directory = cache_dir() / "models" / TRAINED_MODEL
-    return directory if (directory / CONFIG_FILE).is_file() else None
-
-
-def load_default_model(model_dir: str | Path | None = None):
-    """A saved model if given, else the trained default if there is one, else the bundled towers."""
-    from latentrag.model import RagConfig, RagModel
-
-    directory = model_dir or trained_model_dir()
-    if directory is not None:
-        return RagModel.from_pretrained(directory)
-    return RagModel.from_components(config=RagConfig())
 
 
 def load_service(model_dir: str | Path | None = None, index: str | None = None,
@@ -69,5 +49,8 @@ def load_service(model_dir: str | Path | None = None, index: str | None = None,
         else:
             raise LatentRagError(f"{len(names)} indexes under {root}: choose one with --index NAME "
                                  f"({', '.join(names) or 'build one with `latentrag index build --out ROOT/NAME`'})")
-    model = model if model is not None else load_default_model(model_dir)
+    if model is None:
+        from latentrag.loading import load_model
+
+        model = load_model(model_dir, root / index)
     return RagService(model, root, index, max_batch=max_batch, max_wait_ms=max_wait_ms)
