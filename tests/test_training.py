@@ -254,3 +254,16 @@ def test_the_shipped_trained_default_is_what_load_model_loads(parts, tmp_path, m
     assert loaded.config.k == 3 and "generator" in loaded._merged_adapters
     monkeypatch.setattr(assets, "TRAINED_DEFAULT_DIR", tmp_path / "none")
     assert assets.trained_default_dir() is None
+
+
+def test_export_a_checkpoint_as_a_model(parts, tmp_path):
+    from latentrag.training.trainer import export_checkpoint
+
+    model_dir = train(_settings(parts, tmp_path / "run", steps=4), progress=False)
+    exported = export_checkpoint(tmp_path / "run", tmp_path / "exported", step=4)
+    final = RagModel.from_pretrained(model_dir, index=parts / "index").eval()
+    again = RagModel.from_pretrained(exported, index=parts / "index").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.loss(QUESTIONS, ANSWERS), final.loss(QUESTIONS, ANSWERS))
+    with pytest.raises(LatentRagError, match="no checkpoint at step 3"):
+        export_checkpoint(tmp_path / "run", tmp_path / "x", step=3)

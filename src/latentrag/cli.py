@@ -225,6 +225,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A saved model from one checkpoint of a training run."""
+    from latentrag.training.trainer import export_checkpoint
+
+    print(export_checkpoint(args.run, args.out, args.step))
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentrag", description=__doc__)
@@ -417,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-input-length", type=int, default=None, help="generator input tokens")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
+
+    ex = sub.add_parser("export", help="a saved model from one checkpoint of a training run")
+    ex.add_argument("run", help="the run folder (`train --out`)")
+    ex.add_argument("--out", required=True, help="model folder to write")
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 

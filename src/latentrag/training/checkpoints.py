@@ -58,23 +58,28 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE).is_file())
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore model parameters, optimiser, schedule and RNG from `path`; return its state (step, position…)."""
+def load_trainable(path: Path, model: nn.Module) -> None:
+    """Copy a checkpoint's trained parameters into `model` (built with the run's settings)."""
     from safetensors.torch import load_file
 
+    saved = load_file(path / TRAINABLE)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(saved) - set(params))
+    missing = sorted(name for name, p in params.items() if p.requires_grad and name not in saved)
+    if unknown or missing:
+        raise LatentRagError(
+            f"{path} does not fit this model ({len(unknown)} unknown, {len(missing)} missing parameters, e.g. "
+            f"{(unknown or missing)[:2]}): use the settings the run started with"
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore model parameters, optimiser, schedule and RNG from `path`; return its state (step, position…)."""
     try:
-        saved = load_file(path / TRAINABLE)
-        params = dict(model.named_parameters())
-        unknown = sorted(set(saved) - set(params))
-        missing = sorted(name for name, p in params.items() if p.requires_grad and name not in saved)
-        if unknown or missing:
-            raise LatentRagError(
-                f"{path} does not fit this model ({len(unknown)} unknown, {len(missing)} missing parameters, e.g. "
-                f"{(unknown or missing)[:2]}): resume with the settings the run started with"
-            )
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
+        load_trainable(path, model)
         optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=True))
         scheduler.load_state_dict(torch.load(path / SCHEDULER, weights_only=True))
         rng = torch.load(path / RNG, weights_only=True)

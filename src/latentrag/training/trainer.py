@@ -414,6 +414,25 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """A saved RagModel (`out`) from one checkpoint of a run (default: its newest), e.g. the step that
+    validated best, or a run stopped early; the run's settings rebuild the model the checkpoint fits."""
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / RUN).is_file():
+        raise LatentRagError(f"{run_dir} holds no training run (no {RUN})")
+    saved = ckpt.checkpoints(run_dir)
+    chosen = [p for p in saved if step is None or p.name == f"{ckpt.PREFIX}{step:06d}"]
+    if not chosen:
+        raise LatentRagError(f"{run_dir} has no checkpoint{'' if step is None else f' at step {step}'}: it has "
+                             f"{', '.join(p.name for p in saved) or 'none'}")
+    s = settings_from({**json.loads((run_dir / RUN).read_text()), "out": str(run_dir)})
+    index = None if s.closed_book and s.index is None else _resolve_index(s.index)
+    model = build_model(s, index, torch.device("cpu"))
+    ckpt.load_trainable(chosen[-1], model)
+    model.save_pretrained(out)
+    return Path(out)
+
+
 def settings_from(values: dict) -> TrainSettings:
     """TrainSettings from a dict (the CLI's, or a run.json), ignoring keys it does not know."""
     known = {f.name for f in fields(TrainSettings)}
