@@ -13,10 +13,8 @@ into a work folder that replaces the target in one rename, manifest last: the sa
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,6 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER, default_index_dir
-from latentrag.atomic import atomic_write_text
 from latentrag.defaults import PASSAGE_WORDS
 from latentrag.distributed.cluster import connect
 from latentrag.distributed.sharded import assemble_shards, finish_sharded, shard_bounds
@@ -35,13 +32,11 @@ from latentrag.retrieval.corpus import Passage, PassageStore
 from latentrag.retrieval.encoders import DenseEncoder
 from latentrag.retrieval.index.build import (
     CHUNK_SIZE,
-    STATE,
     _chunk_ok,
     _chunk_path,
-    _load_state,
     _prepare_build,
     _save_npy,
-    _stream_passages,
+    begin_build,
     encode_passages,
 )
 from latentrag.retrieval.index.manifest import FORMAT, PASSAGES, Manifest
@@ -189,34 +184,11 @@ def build_sharded_index(
     identity = encoder.identity()
     settings = {"encoder": identity, "index_type": index_type, "exact_vectors": exact, "chunk_size": chunk_size,
                 "batch_size": batch_size, "shards": shards, "format": FORMAT}
-    state = _load_state(work) if resume else None
-    if state is not None and state.get("settings") != settings:
-        raise LatentRagError(
-            f"cannot resume: the interrupted build in {work} used other settings ({state.get('settings')}); "
-            "build without --resume to start over"
-        )
-    if state is None:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            count, digest = _stream_passages(passages, work / PASSAGES)
-            if count == 0:
-                raise LatentRagError("the corpus holds no passages: nothing to index")
-            shard_bounds(count, shards)  # refuse more shards than passages before encoding anything
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        state = {"settings": settings, "corpus_sha256": digest, "count": count, "build_id": uuid.uuid4().hex}
-        atomic_write_text(work / STATE, json.dumps(state, indent=2))
-    else:
-        count, digest = _stream_passages(passages, None)
-        if digest != state["corpus_sha256"] or count != state["count"]:
-            raise LatentRagError(
-                f"cannot resume: the corpus differs from the one the interrupted build in {work} started with "
-                f"({count} passages now, {state['count']} then); build without --resume to start over"
-            )
-        if finish_sharded(work, directory, state["build_id"]):
-            return EncodeReport(directory, count, shards, 0, 0, 0.0, time.perf_counter() - started)
+    state, resumed = begin_build(work, passages, settings, resume,
+                                 check=lambda n: shard_bounds(n, shards))  # more shards than passages: refused
+    count = state["count"]
+    if resumed and finish_sharded(work, directory, state["build_id"]):
+        return EncodeReport(directory, count, shards, 0, 0, 0.0, time.perf_counter() - started)
     store = PassageStore(work / PASSAGES)
     bounds = [(s, min(count, s + chunk_size)) for s in range(0, count, chunk_size)]
     missing = [c for c, (a, b) in enumerate(bounds) if not _chunk_ok(_chunk_path(work, c), b - a, encoder.dim)]

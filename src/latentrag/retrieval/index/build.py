@@ -293,6 +293,41 @@ def _finish(work: Path, directory: Path, build_id: str) -> bool:
     return False
 
 
+def begin_build(work: Path, passages: Iterable[Passage], settings: dict, resume: bool,
+                check=None) -> tuple[dict, bool]:
+    """Start a build's work folder (passage store, settings, corpus fingerprint, build id), or with `resume`
+    check that the interrupted build there used the same settings and corpus. Returns (state, resumed).
+    `check(count)` may refuse the corpus before anything is encoded; a refused start leaves no work folder."""
+    state = _load_state(work) if resume else None
+    if state is not None and state.get("settings") != settings:
+        raise LatentRagError(
+            f"cannot resume: the interrupted build in {work} used other settings ({state.get('settings')}); "
+            "build without --resume to start over"
+        )
+    if state is None:
+        shutil.rmtree(work, ignore_errors=True)
+        _make_work_dir(work)
+        try:
+            count, digest = _stream_passages(passages, work / PASSAGES)
+            if count == 0:
+                raise LatentRagError("the corpus holds no passages: nothing to index")
+            if check is not None:
+                check(count)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # nothing half-written remains
+            raise
+        state = {"settings": settings, "corpus_sha256": digest, "count": count, "build_id": uuid.uuid4().hex}
+        atomic_write_text(work / STATE, json.dumps(state, indent=2))
+        return state, False
+    count, digest = _stream_passages(passages, None)
+    if digest != state["corpus_sha256"] or count != state["count"]:
+        raise LatentRagError(
+            f"cannot resume: the corpus differs from the one the interrupted build in {work} started with "
+            f"({count} passages now, {state['count']} then); build without --resume to start over"
+        )
+    return state, True
+
+
 def build_index(
     passages: Iterable[Passage],
     encoder: DenseEncoder,
@@ -328,33 +363,10 @@ def build_index(
         "batch_size": batch_size,
         "format": FORMAT,
     }
-    state = _load_state(work) if resume else None
-    if state is not None and state.get("settings") != settings:
-        raise LatentRagError(
-            f"cannot resume: the interrupted build in {work} used other settings ({state.get('settings')}); "
-            "build without --resume to start over"
-        )
-    if state is None:
-        shutil.rmtree(work, ignore_errors=True)
-        _make_work_dir(work)
-        try:
-            count, digest = _stream_passages(passages, work / PASSAGES)
-            if count == 0:
-                raise LatentRagError("the corpus holds no passages: nothing to index")
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)  # nothing half-written remains
-            raise
-        state = {"settings": settings, "corpus_sha256": digest, "count": count, "build_id": uuid.uuid4().hex}
-        atomic_write_text(work / STATE, json.dumps(state, indent=2))
-    else:
-        count, digest = _stream_passages(passages, None)
-        if digest != state["corpus_sha256"] or count != state["count"]:
-            raise LatentRagError(
-                f"cannot resume: the corpus differs from the one the interrupted build in {work} started with "
-                f"({count} passages now, {state['count']} then); build without --resume to start over"
-            )
-        if _finish(work, directory, state["build_id"]):
-            return DenseIndex.load(directory)
+    state, resumed = begin_build(work, passages, settings, resume)
+    count = state["count"]
+    if resumed and _finish(work, directory, state["build_id"]):
+        return DenseIndex.load(directory)
     store = PassageStore(work / PASSAGES)
     chunk_paths = _encode_chunks(store, encoder, work, chunk_size, batch_size, progress)
     params = default_params(index_type, count, encoder.dim)
