@@ -30,27 +30,33 @@ def load_model(model: str | Path | None = None, index: str | Path | None = None,
                device: str | None = None):
     """A RagModel from a `save_pretrained` folder or a Hugging Face RAG checkpoint (folder or hub name); by
     default the shipped fine-tuned model (`assets.trained_default_dir()`), and with "base" (or when no
-    trained default ships) the bundled MiniLM towers and SmolLM2 as they are; searching `index` (else `retrieval.index.default_index()`, built
-    with a progress bar the first time); with `ray` the index is a sharded one searched by Ray actors (see
+    trained default ships) the bundled MiniLM towers and SmolLM2 as they are; searching `index` (else
+    `retrieval.index.default_index()`, built with a progress bar the first time); with `ray` the index is a sharded one searched by Ray actors (see
     `open_index`). document_encoder: for a HF RAG checkpoint, the tower the index's vectors came from (see
     `latentrag.hf_rag`). device: a torch device to move the model to (e.g. "cuda")."""
-    from latentrag.assets import BASE_MODEL, trained_default_dir
-    from latentrag.errors import LatentRagError
-    from latentrag.model import RagConfig, RagModel
-
     searcher = open_index(index, progress=progress, ray=ray, address=address)
-    model = model or trained_default_dir()
-    if model and str(model) != BASE_MODEL:
-        extra = {"document_encoder": document_encoder} if document_encoder else {}
-        loaded = RagModel.from_pretrained(model, **extra)
-    else:
-        loaded = RagModel.from_components(config=RagConfig())
+    loaded = load_bare_model(model, document_encoder=document_encoder)
     loaded.swap_index(searcher)  # any searcher, checked against the query tower's document encoder
     if device and device != "cpu":
         import torch
+
+        from latentrag.errors import LatentRagError
 
         try:
             loaded.to(torch.device(device))
         except (RuntimeError, AssertionError) as e:
             raise LatentRagError(f"cannot move the model to device '{device}': {e}") from e
     return loaded
+
+
+def load_bare_model(model: str | Path | None = None, document_encoder: str | None = None):
+    """The model `load_model` resolves (a folder or hub name, the shipped trained default, or "base"), with
+    no index yet: for a caller that chooses and checks the index itself (the service)."""
+    from latentrag.assets import BASE_MODEL, trained_default_dir
+    from latentrag.model import RagConfig, RagModel
+
+    model = model or trained_default_dir()
+    if model and str(model) != BASE_MODEL:
+        extra = {"document_encoder": document_encoder} if document_encoder else {}
+        return RagModel.from_pretrained(model, **extra)
+    return RagModel.from_components(config=RagConfig())

@@ -50,7 +50,7 @@ def load_service(model_dir: str | Path | None = None, index: str | None = None,
             raise LatentRagError(f"{len(names)} indexes under {root}: choose one with --index NAME "
                                  f"({', '.join(names) or 'build one with `latentrag index build --out ROOT/NAME`'})")
     if model is None:
-        from latentrag.loading import load_model
+        from latentrag.loading import load_bare_model
 
-        model = load_model(model_dir, root / index)
+        model = load_bare_model(model_dir)  # the service opens and checks the index by name
     return RagService(model, root, index, max_batch=max_batch, max_wait_ms=max_wait_ms)
