@@ -233,6 +233,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `load_model` takes, for every command that answers: index, model, Ray, device, document tower."""
+    parser.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
+    parser.add_argument("--model", default=None,
+                        help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name; 'base': the bundled "
+                             "models untrained (default: the shipped fine-tuned model)")
+    parser.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
+    parser.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
+    parser.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")
+    parser.add_argument("--document-encoder", default=None,
+                        help="HF RAG checkpoints: the tower the index's vectors came from "
+                             "(default facebook/dpr-ctx_encoder-single-nq-base)")
+
+
 # ---- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentrag", description=__doc__)
@@ -318,15 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="passages retrieved and marginalised over (default: the model's, 5 for the bundled models)")
     ask.add_argument("--max-new-tokens", type=int, default=None,
                      help="answer length limit (default: the model's, 32 for the bundled models)")
-    ask.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
-    ask.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name; 'base': the bundled models "
-                     "untrained (default: the shipped fine-tuned model)")
-    ask.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
-    ask.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
-    ask.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")
-    ask.add_argument("--document-encoder", default=None,
-                       help="HF RAG checkpoints: the tower the index's vectors came from "
-                            "(default facebook/dpr-ctx_encoder-single-nq-base)")
+    _model_arguments(ask)
     ask.add_argument("--json", action="store_true")
     ask.set_defaults(func=cmd_ask)
 
@@ -368,15 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--out", default=None, help="run folder (default: eval-runs/DATASET-MODE)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    ev.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
-    ev.add_argument("--model", default=None, help="a saved RagModel or Hugging Face RAG checkpoint folder/hub name; 'base': the bundled models "
-                     "untrained (default: the shipped fine-tuned model)")
-    ev.add_argument("--ray", action="store_true", help="search a sharded --index with one Ray actor per shard")
-    ev.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
-    ev.add_argument("--device", default=None, help="torch device for the towers and generator, e.g. cuda")
-    ev.add_argument("--document-encoder", default=None,
-                       help="HF RAG checkpoints: the tower the index's vectors came from "
-                            "(default facebook/dpr-ctx_encoder-single-nq-base)")
+    _model_arguments(ev)
     ev.set_defaults(func=cmd_eval)
 
     tr = sub.add_parser("train", help="fine-tune the query tower and the generator end to end (paper §2.4)")
