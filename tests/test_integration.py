@@ -99,3 +99,15 @@ def test_cli_errors_are_ours_not_tracebacks(index_dir, capsys):
     assert "error: question 0 is empty" in capsys.readouterr().err
     assert main(["ask", QUESTION, "--index", str(index_dir), "--k", "0"]) == 2
     assert "k must be" in capsys.readouterr().err
+
+
+def test_the_shipped_default_is_fine_tuned_small_and_answers_briefly(index_dir):
+    from latentrag.assets import trained_default_dir
+
+    shipped = trained_default_dir()
+    assert shipped is not None, "src/latentrag/default_model is missing: run `make train-default`"
+    assert sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file()) <= 60e6
+    model = RagModel.from_pretrained(index=index_dir)
+    assert {"generator", "query_encoder"} <= model._merged_adapters
+    (answer,) = [a.text for a in model.generate([QUESTION], k=2)]
+    assert "Kubrick" in answer and len(answer.split()) <= 4, answer  # a span, not the zero-shot sentence

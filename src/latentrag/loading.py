@@ -52,11 +52,7 @@ def load_model(model: str | Path | None = None, index: str | Path | None = None,
 def load_bare_model(model: str | Path | None = None, document_encoder: str | None = None):
     """The model `load_model` resolves (a folder or hub name, the shipped trained default, or "base"), with
     no index yet: for a caller that chooses and checks the index itself (the service)."""
-    from latentrag.assets import BASE_MODEL, trained_default_dir
-    from latentrag.model import RagConfig, RagModel
+    from latentrag.model import RagModel
 
-    model = model or trained_default_dir()
-    if model and str(model) != BASE_MODEL:
-        extra = {"document_encoder": document_encoder} if document_encoder else {}
-        return RagModel.from_pretrained(model, **extra)
-    return RagModel.from_components(config=RagConfig())
+    extra = {"document_encoder": document_encoder} if document_encoder else {}
+    return RagModel.from_pretrained(model or None, **extra)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from latentrag.assets import DEFAULT_ENCODER, DEFAULT_GENERATOR
+from latentrag.assets import BASE_MODEL, DEFAULT_ENCODER, DEFAULT_GENERATOR, trained_default_dir
 from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.generation.generators import Generator, load_generator
@@ -146,15 +146,20 @@ class RagModel(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, index: str | Path | Searcher | None = None,
+    def from_pretrained(cls, directory: str | Path | None = None, index: str | Path | Searcher | None = None,
                         **hf_options) -> RagModel:
         """Load a saved model, or a Hugging Face RAG checkpoint (folder or hub name; see `latentrag.hf_rag`, whose
         `document_encoder=` option names the tower that made the index's vectors). A part saved as LoRA adapters
         (`<part>_adapter/`) is its base model, named in the config, with the adapters folded into its weights
-        (`adapters.merge_lora`: base-model speed)."""
+        (`adapters.merge_lora`: base-model speed). No directory: the shipped fine-tuned default
+        (`assets.trained_default_dir()`); "base": the bundled towers and generator as they ship, untrained."""
         from latentrag import hf_rag
         from latentrag.adapters import load_lora, merge_lora
 
+        if directory is None:
+            directory = trained_default_dir() or BASE_MODEL
+        if str(directory) == BASE_MODEL:
+            return cls.from_components(index=index, config=RagConfig())
         path = Path(directory) / CONFIG_FILE
         if not path.exists() and hf_rag.hf_rag_config(directory) is not None:
             return hf_rag.load_hf_rag(directory, index=index, **hf_options)
