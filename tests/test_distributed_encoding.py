@@ -148,9 +148,9 @@ def test_cli_build_info_and_ask_with_ray(ray_cluster, tmp_path, monkeypatch, cap
         retriever = Retriever(tiny_dense_encoder("dpr-question", seed=1), document.identity())
         return RagModel(retriever, tiny_decoder_only_generator(seed=0), RagConfig(k=3, max_new_tokens=4))
 
-    monkeypatch.setattr(RagModel, "from_components", staticmethod(tiny_model))
+    monkeypatch.setattr(RagModel, "from_components", staticmethod(tiny_model))  # what --model base builds
     assert cli.main(["--threads", "1", "ask", "Who wrote Hamlet?", "--k", "3", "--decoding", "greedy", "--json",
-                     "--index", str(out), "--ray"]) == 0
+                     "--index", str(out), "--ray", "--model", "base"]) == 0
     remote = json.loads(capsys.readouterr().out)
     local_model = tiny_model()
     local_model.retriever.swap_index(single)
