@@ -109,13 +109,20 @@ def run(rows: list[Row], threads: int) -> None:
 
 
 # ---- the report ---------------------------------------------------------------------------------------
-def _scores(row: Row, dataset: str) -> dict | None:
-    from latentrag.evaluation.metrics import bootstrap_interval
-
+def _records(row: Row, dataset: str) -> list[dict] | None:
+    """The per-question predictions of a finished evaluation (None while it is not finished)."""
     folder = ROOT / row.eval_dir(dataset)
     if not (folder / "metrics.json").is_file():
         return None
-    records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _scores(row: Row, dataset: str) -> dict | None:
+    from latentrag.evaluation.metrics import bootstrap_interval
+
+    records = _records(row, dataset)
+    if records is None:
+        return None
     out = {"n": len(records)}
     for key, field_name in (("em", "correct"), ("f1", "f1"), ("contained", "answer_contained")):
         values = [r[field_name] for r in records]
@@ -132,11 +139,9 @@ def _paired_recall_gain(before: Row, after: Row, dataset: str, k: int = 5) -> tu
     from latentrag.evaluation.metrics import bootstrap_interval
 
     def hits(row: Row) -> dict[str, float] | None:
-        path = ROOT / row.eval_dir(dataset) / "predictions.jsonl"
-        if not (ROOT / row.eval_dir(dataset) / "metrics.json").is_file():
-            return None
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return {r["id"]: float(any(p["has_answer"] for p in r["retrieved"][:k])) for r in records}
+        records = _records(row, dataset)
+        return None if records is None else {r["id"]: float(any(p["has_answer"] for p in r["retrieved"][:k]))
+                                             for r in records}
 
     a, b = hits(before), hits(after)
     if a is None or b is None:
