@@ -399,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--retrieval-scale", type=float, default=None,
                     help="s in p(z|x) ∝ exp(s·d(z)ᵀq(x)) to start from (default: the model's, 1 = the paper's)")
     tr.add_argument("--learn-retrieval-scale", action="store_true", help="train s (log-parameterised)")
+    tr.add_argument("--scale-lr", type=float, default=None,
+                    help="learning rate of log s (default: the generator's); e.g. 1e-2 lets s move")
+    tr.add_argument("--reading-filter", action="store_true",
+                    help="train only on questions whose gold answer is in the k passages read at that step")
+    tr.add_argument("--counterfactual", type=float, default=0.0, metavar="SHARE",
+                    help="share of the questions read with their answer whose passages are rewritten to a "
+                         "same-type substitute, the substitute being the target (default 0)")
     tr.add_argument("--closed-book", action="store_true", help="train the generator alone, no retrieval")
     tr.add_argument("--answerable-only", action="store_true",
                     help="keep questions with a gold answer in some passage of the index")

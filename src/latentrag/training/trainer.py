@@ -69,6 +69,9 @@ class TrainSettings:
     freeze_query_encoder: bool = False  # the paper's "frozen retriever" ablation
     retrieval_scale: float | None = None  # s in p(z|x) ∝ exp(s·d(z)ᵀq(x)) to start from (default: the model's)
     learn_retrieval_scale: bool = False
+    scale_lr: float | None = None  # a learning rate of its own for log s (default: the LoRA/full rate)
+    reading_filter: bool = False  # train only on questions whose answer is in the k passages read (reading.py)
+    counterfactual: float = 0.0  # share of those whose passages are rewritten to a same-type substitute
     closed_book: bool = False  # the generator alone, no retrieval: the parametric-only baseline
     answerable_only: bool = False  # keep questions with a gold answer in some passage of the index
     val: str | None = None  # a held-out file; default: a fraction of the training data
@@ -109,6 +112,12 @@ class TrainSettings:
             raise LatentRagError("--lr must be positive and --warmup non-negative")
         if self.retrieval_scale is not None and self.retrieval_scale <= 0:
             raise LatentRagError(f"--retrieval-scale must be positive, got {self.retrieval_scale}")
+        if self.scale_lr is not None and self.scale_lr <= 0:
+            raise LatentRagError(f"--scale-lr must be positive, got {self.scale_lr}")
+        if not 0.0 <= self.counterfactual <= 1.0:
+            raise LatentRagError(f"--counterfactual is a share between 0 and 1, got {self.counterfactual}")
+        if self.closed_book and (self.reading_filter or self.counterfactual):
+            raise LatentRagError("--reading-filter and --counterfactual need passages: not with --closed-book")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LatentRagError(f"--precision is auto, fp32 or bf16, got '{self.precision}'")
         if self.device not in (None, "cpu", "cuda"):
@@ -132,10 +141,19 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.mode, self.k, self.closed_book = model, mode, k, closed_book
 
-    def forward(self, questions: list[str], answers: list[str]) -> torch.Tensor:
+    def forward(self, questions: list[str], answers: list[str], rewrites=None) -> torch.Tensor:
+        """`rewrites[j]` (counterfactual augmentation, `reading.py`): (golds, substitute) to rewrite in question
+        j's retrieved passages before they are read, or None."""
         if self.closed_book:
             return closed_book_loss(self.model, questions, answers, self.mode)
-        return self.model(questions, answers, mode=self.mode, k=self.k)
+        if not rewrites or not any(rewrites):
+            return self.model(questions, answers, mode=self.mode, k=self.k)
+        from latentrag.training.reading import rewrite_passages
+
+        retrieved = self.model.retrieve(questions, self.k)
+        retrieved.passages = [ps if r is None else rewrite_passages(ps, r)
+                              for ps, r in zip(retrieved.passages, rewrites, strict=True)]
+        return self.model(questions, answers, mode=self.mode, retrieved=retrieved)
 
 
 # ---- set-up -------------------------------------------------------------------------------------------
@@ -249,12 +267,16 @@ def build_model(s: TrainSettings, index, device: torch.device):
 
 
 def _optimizer(model: nn.Module, s: TrainSettings, total_steps: int):
-    decay, no_decay = [], []
+    """AdamW; log s gets its own group when `scale_lr` is set (one scalar moves little at the LoRA rate)."""
+    decay, no_decay, scale = [], [], []
+    own_rate = model.retriever.log_scale if s.scale_lr is not None else None
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.learning_rate)
+            (scale if p is own_rate else no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if scale:
+        groups.append({"params": scale, "weight_decay": 0.0, "lr": s.scale_lr})
+    optimizer = torch.optim.AdamW(groups, lr=s.learning_rate)
     warmup = s.warmup if s.warmup is not None else max(1, round(0.06 * total_steps))
 
     def schedule(step: int) -> float:  # linear warm-up to lr, then linear decay to 0 at the last step
@@ -335,6 +357,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
 
         wrapped = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
     stream = ExampleStream(train_pairs, s.seed, position)
+    selector = _selector(s, model, train_pairs, main and progress)
     trainable_count = sum(p.numel() for p in trainable)
     if main:
         print(f"training {trainable_count:,} parameters for {total_steps} steps of {global_batch} questions "
@@ -347,12 +370,16 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
     try:
         while step < total_steps:
             t0 = time.perf_counter()
-            step_loss = 0.0
+            step_loss, drawn, used, rewritten = 0.0, 0, 0, 0
             for micro in range(s.grad_accum):
-                batch = stream.take(s.batch_size * world)[rank * s.batch_size : (rank + 1) * s.batch_size]
+                chosen = selector.take(stream, s.batch_size * world)  # every rank chooses the same global batch
+                mine = slice(rank * s.batch_size, (rank + 1) * s.batch_size)
+                drawn, used = drawn + chosen.drawn, used + len(chosen.pairs)
+                rewritten += chosen.stats.get("counterfactual", 0)
                 sync = world == 1 or micro == s.grad_accum - 1
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
-                    loss = wrapped([p.question for p in batch], [p.answer for p in batch]).mean()
+                    loss = wrapped([p.question for p in chosen.pairs[mine]], chosen.targets[mine],
+                                   chosen.rewrites[mine]).mean()
                 (loss / s.grad_accum).backward()
                 step_loss += loss.item() / s.grad_accum
             if not math.isfinite(step_loss):
@@ -365,12 +392,15 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
             step += 1
             running = step_loss if running is None else 0.9 * running + 0.1 * step_loss
             seconds = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{running:.3f}", ex_s=f"{global_batch / seconds:.2f}")
+            bar.set_postfix(loss=f"{running:.3f}", ex_s=f"{global_batch / seconds:.2f}",
+                            **({"kept": f"{used / drawn:.2f}"} if selector.active else {}))
             bar.update(1)
             if main:
                 _append_log(log_path, {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                                        "grad_norm": grad_norm, "examples": stream.position, "epoch": stream.epoch,
-                                       "seconds": seconds, "scale": model.retriever.log_scale.detach().exp().item()})
+                                       "seconds": seconds, "scale": model.retriever.log_scale.detach().exp().item(),
+                                       **({"kept": used / drawn, "counterfactual": rewritten} if selector.active
+                                          else {})})
             if step % s.eval_every == 0 or step == total_steps:
                 if main:
                     _validate(model, val_pairs, s, step, log_path, bar)
@@ -393,12 +423,23 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
     return out / MODEL
 
 
+def _selector(s: TrainSettings, model, train_pairs, progress: bool):
+    """What each step trains on: the stream as it comes, or filtered / rewritten for reading (`reading.py`)."""
+    from latentrag.training.reading import ReadingSelector, build_substitutes
+
+    substitutes = None
+    if s.counterfactual:
+        substitutes = build_substitutes(train_pairs, model.document_encoder(), progress=progress)
+    return ReadingSelector(model, s.k, s.reading_filter, s.counterfactual, substitutes, s.seed)
+
+
 def _validate(model, val_pairs, s: TrainSettings, step: int, log_path: Path, bar) -> None:
     """Validate, log, and warn if retrieval is collapsing (over every validation of the run so far)."""
     metrics = validate(model, val_pairs, s.mode, s.k, max_new_tokens=s.max_new_tokens, closed_book=s.closed_book)
     _append_log(log_path, {"step": step, "val": metrics})
     shown = {key: round(v, 3) for key, v in metrics.items() if key in ("exact_match", "loss", "recall@5",
-                                                                        "prior_entropy", "distinct_top1")}
+                                                                        "reading_exact_match", "prior_entropy",
+                                                                        "distinct_top1")}
     bar.write(f"step {step}: validation {shown}")
     history = [r["val"] for r in read_log(log_path) if "val" in r]
     message = collapse_warning(history)

@@ -1,8 +1,9 @@
 """Validation during training: does the reader answer, does the retriever find, is retrieval collapsing?
 
 Per held-out question: greedy exact match (RAG-Token greedy, RAG-Sequence fast with one beam, or the
-generator alone when closed-book), −log p(y|x), answer recall@k of the retrieved passages (DPR's
-`has_answer`), the entropy of p(z|x) over the top k, and which passage ranks first. Retrieval has
+generator alone when closed-book), −log p(y|x), answer recall@1/@k/@5 of the retrieved passages (DPR's
+`has_answer`), exact match on the questions whose answer is in the k read ("reading accuracy"), the
+entropy of p(z|x) over the top k, and which passage ranks first. Retrieval has
 *collapsed* when one passage comes first for most questions whatever they ask (Hugging Face users saw it
 fine-tuning RAG on FEVER): the share of distinct top-1 passages falls and the warning says so.
 """
@@ -31,7 +32,7 @@ def validate(model, pairs: Sequence[TrainPair], mode: str, k: int, batch_size: i
 
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    correct, losses, recall, recall_k, entropies, top1 = [], [], [], [], [], []
+    correct, losses, recall, recall_k, recall_1, entropies, top1 = [], [], [], [], [], [], []
     try:
         for start in range(0, len(pairs), batch_size):
             batch = list(pairs[start : start + batch_size])
@@ -52,6 +53,7 @@ def validate(model, pairs: Sequence[TrainPair], mode: str, k: int, batch_size: i
                     hits = [M.has_answer(z.text, p.answers) for z in passages]
                     recall.append(any(hits[:RECALL_AT]))
                     recall_k.append(any(hits[:k]))
+                    recall_1.append(hits[0])
                 prior = top.log_prior.float()
                 entropies += (-(prior.exp() * prior).sum(-1)).tolist()
                 top1 += [int(ids[0]) for ids in top.ids]
@@ -66,6 +68,10 @@ def validate(model, pairs: Sequence[TrainPair], mode: str, k: int, batch_size: i
         out.update({
             f"recall@{RECALL_AT}": 100 * sum(recall) / n,
             f"recall@{k}": 100 * sum(recall_k) / n,
+            "recall@1": 100 * sum(recall_1) / n,
+            # exact match where the answer is in the k passages read: how well the generator reads
+            "reading_exact_match": (100 * sum(c for c, r in zip(correct, recall_k, strict=True) if r) / sum(recall_k)
+                                    if any(recall_k) else None),
             "prior_entropy": sum(entropies) / n,
             "prior_entropy_max": math.log(k),
             "distinct_top1": len(counts) / n,

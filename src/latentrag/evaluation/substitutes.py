@@ -1,0 +1,101 @@
+"""Same-type substitute answers: a country for a country, a year for a year, a person for a person.
+
+Both the knowledge-swap test (paper §4.5 swapped one world leader for another) and counterfactual training
+(Longpre et al. 2021, "Entity-Based Knowledge Conflicts in Question Answering") rewrite an answer in the
+passages to *another answer of the same kind*. A substitute of another kind ("Lungs" for a sport) makes the
+rewritten passage nonsense, and a reader that declines to copy nonsense is not ignoring its evidence.
+
+Here the kind is read off an encoder's space: a gold answer's substitutes are the other answers of a pool
+(other questions' answers) nearest to it, of the same coarse form (`answer_kind`: number / name / phrase),
+and not too near — a cosine above `max_similarity` is most often another name of the same thing
+("USA" / "United States"), which would test nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from latentrag.evaluation import metrics as M
+
+MAX_SIMILARITY = 0.9  # nearer than this: most likely an alias of the gold answer, not another answer
+CANDIDATES = 32  # nearest pool answers kept per query (the first acceptable one is used)
+
+
+def answer_kind(answer: str) -> str:
+    """Coarse form: 'number' (has a digit), 'name' (every word capitalised), 'phrase'."""
+    if any(ch.isdigit() for ch in answer):
+        return "number"
+    words = [w for w in answer.split() if w[:1].isalpha()]
+    return "name" if words and all(w[0].isupper() for w in words) else "phrase"
+
+
+def _words(answer: str, kind: str) -> set[str]:
+    words = set(M.normalize_answer(answer).split())
+    return {w for w in words if any(ch.isdigit() for ch in w)} if kind == "number" else words
+
+
+def is_alias_of(candidate: str, golds: Sequence[str]) -> bool:
+    """The candidate is too close to a gold answer to replace it: equal after SQuAD normalisation, or they
+    share a word ("Nolan North" / "David Nolan"; for numbers, a number: "June 4, 2018" / "June 22, 2018")."""
+    kind = answer_kind(candidate)
+    mine = _words(candidate, kind)
+    return not mine or any(mine & _words(g, kind) or M.normalize_answer(g) == M.normalize_answer(candidate)
+                           for g in golds)
+
+
+class SubstitutePool:
+    """Answers to draw substitutes from, embedded once by `encoder` (a `DenseEncoder`; unit vectors).
+
+    `ranked(answers)` gives, for each query answer, the pool answers nearest to it (same `answer_kind`,
+    cosine ≤ max_similarity), nearest first; `choose` applies the caller's own conditions on top.
+    """
+
+    def __init__(self, answers: Iterable[str], encoder, max_similarity: float = MAX_SIMILARITY,
+                 candidates: int = CANDIDATES, batch_size: int = 256, progress: bool = False):
+        seen, unique = set(), []
+        for a in answers:
+            key = M.normalize_answer(a)
+            if key and key not in seen:
+                seen.add(key)
+                unique.append(a.strip())
+        self.answers = unique
+        self.kinds = [answer_kind(a) for a in unique]
+        self.encoder, self.max_similarity, self.candidates = encoder, max_similarity, candidates
+        self.batch_size = batch_size
+        self.vectors = torch.nn.functional.normalize(
+            encoder.encode(unique, batch_size=batch_size, progress=progress).float(), dim=-1)
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    @torch.inference_mode()
+    def ranked(self, queries: Sequence[str]) -> list[list[tuple[str, float]]]:
+        """For each query answer: (pool answer, cosine) of the same kind, nearest first, at most `candidates`."""
+        if not queries:
+            return []
+        q = torch.nn.functional.normalize(self.encoder.encode(list(queries), batch_size=self.batch_size).float(), dim=-1)
+        out = []
+        for start in range(0, len(queries), 1024):
+            sims = q[start : start + 1024] @ self.vectors.T  # (b, N)
+            sims = sims.masked_fill(sims > self.max_similarity, -2.0)
+            top = torch.topk(sims, min(len(self.answers), 4 * self.candidates), dim=-1)
+            for row, query in enumerate(queries[start : start + 1024]):
+                kind = answer_kind(query)
+                picked = [(self.answers[i], float(s)) for s, i in zip(top.values[row].tolist(), top.indices[row].tolist(),
+                                                                      strict=True)
+                          if s > -2.0 and self.kinds[i] == kind]
+                out.append(picked[: self.candidates])
+        return out
+
+    @staticmethod
+    def choose(ranked: Sequence[tuple[str, float]], golds: Sequence[str],
+               accept: Callable[[str], bool] | None = None) -> str | None:
+        """The nearest ranked answer that is no alias of the golds and that `accept` takes; None if none is."""
+        for candidate, _ in ranked:
+            if is_alias_of(candidate, golds):
+                continue
+            if accept is None or accept(candidate):
+                return candidate
+        return None

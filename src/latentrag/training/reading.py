@@ -1,0 +1,127 @@
+"""Teaching the generator to read its passages, not to answer from memory.
+
+RAG's training signal for the generator is −log p(y|x) over the k passages read; when none of them holds
+the answer (most training questions, with a small index), the only way to lower the loss is to answer from
+the weights, and the model learns to. Two options change what a step trains on (both off by default, so a
+run without them is the paper's recipe):
+
+* **Reading filter** (`reading_filter`): a question counts in a step only when a gold answer (DPR
+  `has_answer`) is in the k passages the *current* query tower retrieves for it — decided at every step,
+  since the tower trains. The step draws questions from the stream until its batch is full; the share
+  kept is logged.
+* **Counterfactual augmentation** (`counterfactual`, a share): for that share of the questions whose answer
+  is read, every gold alias in the k passages (titles too) is rewritten to a same-type substitute (another
+  training question's answer: `evaluation.substitutes`) and the target becomes the substitute — Longpre
+  et al. (2021)'s remedy for knowledge conflicts. The retrieval scores stay those of the original passages.
+
+Both are deterministic functions of (seed, stream position, weights), so a resumed run selects exactly
+what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from latentrag.errors import LatentRagError
+from latentrag.evaluation import metrics as M
+from latentrag.evaluation.knowledge_swap import rewrite
+from latentrag.training.data import ExampleStream, TrainPair
+
+Rewrite = tuple[list[str], str]  # (gold aliases to replace, substitute)
+
+
+@dataclass
+class ReadingBatch:
+    """The questions a step trains on, their targets, and the passages' rewrites (None: as retrieved)."""
+
+    pairs: list[TrainPair]
+    targets: list[str]
+    rewrites: list[Rewrite | None]
+    drawn: int  # questions taken from the stream to fill the batch
+    stats: dict = field(default_factory=dict)
+
+
+def answer_read(passages, answers: Sequence[str]) -> bool:
+    return any(M.has_answer(p.text, answers) for p in passages)
+
+
+def rewrite_passages(passages, change: Rewrite):
+    """The passages with every gold alias (text and title) replaced by the substitute."""
+    return [replace(p, title=rewrite(p.title, [change]), text=rewrite(p.text, [change])) for p in passages]
+
+
+class ReadingSelector:
+    """Fills each step's batch (see the module docstring). `substitutes[id]` are a pair's ranked same-type
+    candidates (`SubstitutePool.ranked`), needed only when `counterfactual` > 0."""
+
+    def __init__(self, model, k: int, reading_filter: bool = False, counterfactual: float = 0.0,
+                 substitutes: dict[str, list[tuple[str, float]]] | None = None, seed: int = 0):
+        if not 0.0 <= counterfactual <= 1.0:
+            raise LatentRagError(f"--counterfactual is a share between 0 and 1, got {counterfactual}")
+        if counterfactual and substitutes is None:
+            raise LatentRagError("counterfactual augmentation needs substitutes for the training answers")
+        self.model, self.k, self.filter, self.share = model, k, reading_filter, counterfactual
+        self.substitutes, self.seed = substitutes or {}, seed
+
+    @property
+    def active(self) -> bool:
+        return self.filter or self.share > 0
+
+    @torch.no_grad()
+    def _passages(self, pairs: list[TrainPair]):
+        return self.model.retrieve([p.question for p in pairs], self.k).passages
+
+    def _counterfactual(self, pair: TrainPair, passages, position: int) -> Rewrite | None:
+        if not self.share or random.Random(f"{self.seed}/counterfactual/{position}").random() >= self.share:
+            return None
+        from latentrag.evaluation.substitutes import SubstitutePool
+
+        def fits(candidate: str) -> bool:  # not already in what is read, nor in the question
+            return not M.has_answer(pair.question, [candidate]) and not answer_read(passages, [candidate])
+
+        substitute = SubstitutePool.choose(self.substitutes.get(pair.id, ()), pair.answers, fits)
+        if substitute is None:
+            return None
+        change = (list(pair.answers), substitute)
+        if answer_read(rewrite_passages(passages, change), pair.answers):
+            return None  # a form of the answer the whole-word rewrite misses: the passages would contradict
+        return change
+
+    def take(self, stream: ExampleStream, n: int) -> ReadingBatch:
+        """The next n questions to train on (all the stream gives when neither option is on)."""
+        if not self.active:
+            pairs = stream.take(n)
+            return ReadingBatch(pairs, [p.answer for p in pairs], [None] * n, n)
+        kept: list[TrainPair] = []
+        rewrites: list[Rewrite | None] = []
+        drawn, limit = 0, len(stream.pairs)
+        while len(kept) < n:
+            if drawn >= limit and not kept:
+                raise LatentRagError(
+                    f"no question among {drawn} drawn has a gold answer in the {self.k} passages read: the reading "
+                    "filter leaves nothing to train on (raise --k, or drop --reading-filter)")
+            start = stream.position
+            candidates = stream.take(n - len(kept))
+            drawn += len(candidates)
+            for offset, (pair, passages) in enumerate(zip(candidates, self._passages(candidates), strict=True)):
+                read = answer_read(passages, pair.answers)
+                if self.filter and not read:
+                    continue
+                kept.append(pair)
+                rewrites.append(self._counterfactual(pair, passages, start + offset) if read else None)
+        targets = [p.answer if r is None else r[1] for p, r in zip(kept, rewrites, strict=True)]
+        stats = {"kept": len(kept) / drawn, "counterfactual": sum(r is not None for r in rewrites)}
+        return ReadingBatch(kept, targets, rewrites, drawn, stats)
+
+
+def build_substitutes(pairs: Sequence[TrainPair], encoder, progress: bool = False) -> dict[str, list]:
+    """Ranked same-type substitutes for each training pair, drawn from the training answers alone."""
+    from latentrag.evaluation.substitutes import SubstitutePool
+
+    pool = SubstitutePool([p.answer for p in pairs], encoder, progress=progress)
+    ranked = pool.ranked([p.answer for p in pairs])
+    return {p.id: r for p, r in zip(pairs, ranked, strict=True)}
