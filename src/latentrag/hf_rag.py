@@ -146,7 +146,7 @@ def load_hf_rag(name_or_path: str | Path, index=None, document_encoder: str | No
     check_overrides(overrides)
     cache: dict = {}
     base = Base.named(name_or_path)
-    cache[base.name] = checkpoint = open_checkpoint(base.name if Path(base.name).exists() else name_or_path)
+    cache[base.name] = checkpoint = open_checkpoint(base.name)
     config = checkpoint.config
     query_encoder = load_part("query_encoder", PartDescription(base=replace(base, component="question_encoder"),
                                                                settings={"max_length": max_length}), cache=cache)

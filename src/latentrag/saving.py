@@ -35,7 +35,7 @@ adapters over the base rag_config.json names (`legacy_descriptions`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from latentrag.assets import BUNDLED_MODELS
@@ -336,8 +336,6 @@ def save_model(model, directory: str | Path) -> None:
         labels = {role: d.base.label if d.base is not None else role for role, d in parts.items()}
         config = replace(model.config, retrieval_scale=model.retriever.scale,
                          max_input_length=model.generator.max_input_length, **labels)
-        from dataclasses import asdict
-
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
         (tmp / PARTS_FILE).write_text(json.dumps(
             {"format": FORMAT, "parts": {role: d.to_json() for role, d in parts.items()}}, indent=2))
