@@ -133,8 +133,8 @@ class RagModel(nn.Module):
         `set_trainable()` with its defaults."""
         from latentrag.adapters import add_lora
 
-        for rank, (_, part) in zip((query_encoder, generator), self.parts(), strict=True):
-            part.requires_grad_(rank == 0)
+        for part, rank in ((self.generator, generator), (self.retriever.query_encoder, query_encoder)):
+            part.requires_grad_(rank == 0)  # the generator's adapters first: a seed draws the same adapters as before
             if rank:
                 add_lora(part.model, rank)
         learn = self.config.learn_retrieval_scale if retrieval_scale is None else retrieval_scale
