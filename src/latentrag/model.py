@@ -202,7 +202,7 @@ class RagModel(nn.Module):
         if document_encoder is not None:
             raise LatentRagError(f"{directory} is a saved latentrag model: it names its own document encoder "
                                  "(document_encoder= is for Hugging Face RAG checkpoints)")
-        return saving.load_model(directory, index=index, **overrides)
+        return saving.load_folder(directory, index=index, **overrides)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the model (`latentrag.saving`): its config, a description of each part, and each part — as LoRA
@@ -210,7 +210,7 @@ class RagModel(nn.Module):
         through adapters, else as its full weights. The config carries the retrieval scale as it is now."""
         from latentrag import saving
 
-        saving.save_model(self, directory)
+        saving.save_folder(self, directory)
 
     def parts(self) -> tuple[tuple[str, nn.Module], ...]:
         """(name, module) of the parts a saved model holds: the query tower and the generator."""

@@ -327,7 +327,7 @@ def save_part(part, role: str, folder: Path) -> PartDescription:
 
 
 # ---- the whole folder ----------------------------------------------------------------------------------
-def save_model(model, directory: str | Path) -> None:
+def save_folder(model, directory: str | Path) -> None:
     """Write `model` into `directory` (atomically): rag_config.json, parts.json and each part (`save_part`)."""
     from latentrag.atomic import atomic_dir
 
@@ -341,8 +341,8 @@ def save_model(model, directory: str | Path) -> None:
             {"format": FORMAT, "parts": {role: d.to_json() for role, d in parts.items()}}, indent=2))
 
 
-def load_model(directory: str | Path, index=None, **overrides):
-    """A RagModel from a folder `save_model` (or an earlier version) wrote; `overrides` (RagConfig fields) are
+def load_folder(directory: str | Path, index=None, **overrides):
+    """A RagModel from a folder `save_folder` (or an earlier version) wrote; `overrides` (RagConfig fields) are
     applied while it is built (the generator reads `max_input_length` tokens from the start)."""
     from latentrag.model import RagConfig, RagModel, check_overrides
     from latentrag.retrieval.retriever import Retriever
