@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -293,9 +294,10 @@ def test_finding_5_nothing_outside_the_model_changes_a_built_model(world):
     model = RagModel.from_components(index=world.index, **world.components, k=3)
     with pytest.raises(dataclasses.FrozenInstanceError):
         model.config.max_input_length = 7  # a built model's settings change only by building it again
-    source = inspect.getsource(trainer)
-    for reach in ("log_scale", "generator.model", "query_encoder.model", "model.config."):
-        assert reach not in source, reach
+    source = inspect.getsource(trainer)  # the trainer builds with overrides and asks the model what trains
+    for reach in (r"log_scale\.(fill_|copy_|requires_grad_|data)", r"(generator|query_encoder)\.model\b",
+                  r"add_lora\(", r"setattr\(\s*model", r"model\.config\.\w+\s*=[^=]"):
+        assert not re.search(reach, source), reach
     model.set_trainable(generator=None, query_encoder=0, retrieval_scale=True)
     assert _trainable(model) == {n for n in _default_trainable(model) if n.startswith("retriever.")} | {
         "retriever.log_scale"}
