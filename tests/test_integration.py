@@ -108,6 +108,9 @@ def test_the_shipped_default_is_fine_tuned_small_and_answers_briefly(index_dir):
     assert shipped is not None, "src/latentrag/default_model is missing: run `make train-default`"
     assert sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file()) <= 60e6
     model = RagModel.from_pretrained(index=index_dir)
-    assert {"generator", "query_encoder"} <= model._merged_adapters
+    assert all(len(part.source.adapters) == 1 for _, part in model.parts())  # adapters folded into the bases
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}  # README: loss.backward() trains
+    assert trainable == {name for name, _ in model.named_parameters()} - {"retriever.log_scale"} or \
+        trainable == {name for name, _ in model.named_parameters()}
     (answer,) = [a.text for a in model.generate([QUESTION], k=2)]
     assert "Kubrick" in answer and len(answer.split()) <= 4, answer  # a span, not the zero-shot sentence

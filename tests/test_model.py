@@ -197,7 +197,8 @@ def test_the_document_tower_is_a_frozen_registered_child(parts, tmp_path):
     assert not any(p.requires_grad for p in tower.parameters())
     assert all(p.requires_grad for p in model.retriever.query_encoder.parameters())
     model.save_pretrained(tmp_path / "saved")
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["generator", "query_encoder", "rag_config.json"]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["generator", "parts.json", "query_encoder",
+                                                                          "rag_config.json"]
     loaded = RagModel.from_pretrained(tmp_path / "saved", index=parts / "index")
     assert loaded.document_tower is None  # loaded on first use only
     assert loaded.document_encoder().identity() == tower.identity() and loaded.document_tower is not None

@@ -19,6 +19,7 @@ from latentrag.errors import LatentRagError
 from latentrag.retrieval.corpus import Passage
 from latentrag.retrieval.index import build_index_from_vectors
 from latentrag.retrieval.retriever import Retriever
+from latentrag.serving.schemas import AskRequest
 
 ray = pytest.importorskip("ray")
 
@@ -140,3 +141,31 @@ def test_pickles_for_other_processes_of_the_cluster(sharded, corpus):
         return index.search(q, 4)[1]
 
     np.testing.assert_array_equal(ray.get(remote_search.remote(sharded, queries)), flat.search(queries, 4)[1])
+
+
+def test_serve_opens_a_sharded_index_with_ray(ray_cluster, corpus):
+    """`latentrag serve --ray`: the service opens the index under its root as a Ray fan-out (any Searcher), and
+    answers as it does over the same passages in one flat index."""
+    from tiny_models import tiny_decoder_only_generator
+
+    from latentrag.distributed.sharded import ShardedIndex
+    from latentrag.model import RagConfig, RagModel
+    from latentrag.serving.loader import load_service
+
+    root = corpus[0]
+    model = RagModel(Retriever(tiny_dense_encoder("bert"), IDENTITY), tiny_decoder_only_generator(seed=0),
+                     RagConfig(k=3, max_new_tokens=3))
+    with pytest.raises(LatentRagError, match="sharded index: add --ray"):
+        load_service(index="sharded", indexes_root=root, model=model)
+    service = load_service(index="sharded", indexes_root=root, model=model, ray=True)
+    try:
+        assert isinstance(service.active.index, ShardedIndex)
+        settings = service.settings(AskRequest(question=QUESTIONS[0]))
+        served, active, _ = service.answer_batch(QUESTIONS[:2], settings)
+        assert active.name == "sharded"
+        model.swap_index(corpus[1])
+        alone = model.generate(QUESTIONS[:2], k=3, max_new_tokens=3)
+        assert [a.text for a in served] == [a.text for a in alone]
+        assert [[p.id for p in a.passages] for a in served] == [[p.id for p in a.passages] for a in alone]
+    finally:
+        service.active.index.close()

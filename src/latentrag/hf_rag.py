@@ -65,19 +65,35 @@ def checkpoint_mode(config) -> str:
     )
 
 
-def load_hf_rag(name_or_path: str | Path, index=None, document_encoder: str | None = None, max_length: int = 256):
-    """A RagModel from a HF RAG checkpoint; `index` as for `RagModel.from_pretrained`.
+class RagCheckpoint:
+    """An opened Hugging Face RAG checkpoint: its config, mode and the two parts as latentrag builds them."""
 
-    document_encoder: the document tower the index's vectors came from (name or folder; default
-    facebook/dpr-ctx_encoder-single-nq-base, the NQ models' wiki_dpr embeddings).
-    """
+    def __init__(self, source: str, config, hf, tokenizers):
+        self.source, self.config, self.mode = source, config, checkpoint_mode(config)
+        self._hf, self._tokenizers = hf, tokenizers
+
+    def question_encoder(self, max_length: int = 256):
+        """The DPR question tower q(x): its pooler output, unnormalised (eq. 1 with scale 1)."""
+        from latentrag.retrieval.encoders import DenseEncoder
+
+        tokenizer = self._tokenizers.question_encoder
+        return DenseEncoder(self._hf.rag.question_encoder, tokenizer, "pooler", False,
+                            min(max_length, tokenizer.model_max_length), f"{self.source}#question_encoder")
+
+    def generator(self, max_input_length: int | None = None):
+        """The BART generator reading the checkpoint's input format: separators, prefix, and the question as
+        the question tokenizer decodes it (as HF's RagRetriever gives it)."""
+        from latentrag.generation.generators import Seq2SeqGenerator
+
+        generator = Seq2SeqGenerator(self._hf.rag.generator, self._tokenizers.generator, f"{self.source}#generator",
+                                     max_input_length or self.config.max_combined_length)
+        generator.configure_input(self.config.title_sep, self.config.doc_sep, None, self._tokenizers.question_encoder)
+        return generator
+
+
+def open_checkpoint(name_or_path: str | Path) -> RagCheckpoint:
+    """Load a HF RAG checkpoint (folder or hub name), refusing what latentrag cannot run as it was trained."""
     import transformers
-
-    from latentrag.generation.generators import Seq2SeqGenerator
-    from latentrag.model import RagConfig, RagModel
-    from latentrag.retrieval.encoders import DenseEncoder
-    from latentrag.retrieval.index.importers import document_encoder_identity
-    from latentrag.retrieval.retriever import Retriever
 
     source = str(name_or_path)
     config = hf_rag_config(source)
@@ -98,29 +114,55 @@ def load_hf_rag(name_or_path: str | Path, index=None, document_encoder: str | No
             "RagTokenizer.save_pretrained's question_encoder_tokenizer/ and generator_tokenizer/"
         ) from e
     hf.eval()
-    question_model, generator_model = hf.rag.question_encoder, hf.rag.generator
     if config.question_encoder.model_type != "dpr":
         raise LatentRagError(f"{source}: question encoder of type {config.question_encoder.model_type}; only DPR "
                              "question encoders (pooler output) are supported")
-    if not generator_model.config.is_encoder_decoder:
+    if not hf.rag.generator.config.is_encoder_decoder:
         raise LatentRagError(f"{source}: the generator is not an encoder-decoder model")
-    q_tok, g_tok = tokenizers.question_encoder, tokenizers.generator
-    for tok, part in ((q_tok, "question encoder"), (g_tok, "generator")):
+    for tok, part in ((tokenizers.question_encoder, "question encoder"), (tokenizers.generator, "generator")):
         if len(tok) <= len(tok.all_special_ids):
             raise LatentRagError(f"{source}: the {part} tokenizer holds only special tokens; save the tokenizers "
                                  "with RagTokenizer.save_pretrained")
-    query_encoder = DenseEncoder(question_model, q_tok, "pooler", False,
-                                 min(max_length, q_tok.model_max_length), f"{source}#question_encoder")
-    generator = Seq2SeqGenerator(generator_model, g_tok, f"{source}#generator", config.max_combined_length)
-    generator.configure_input(config.title_sep, config.doc_sep, None, q_tok)
-    document_encoder = document_encoder or DEFAULT_DOCUMENT_ENCODER
+    return RagCheckpoint(source, config, hf, tokenizers)
+
+
+def load_hf_rag(name_or_path: str | Path, index=None, document_encoder: str | None = None, max_length: int = 256,
+                **overrides):
+    """A RagModel from a HF RAG checkpoint; `index` as for `RagModel.from_pretrained`; `overrides` (RagConfig
+    fields: mode, k, label_smoothing, max_input_length, ...) replace what the checkpoint says, at construction.
+
+    document_encoder: the document tower the index's vectors came from (name or folder; default
+    facebook/dpr-ctx_encoder-single-nq-base, the NQ models' wiki_dpr embeddings). max_length: the question
+    tower's token limit. Each part records the checkpoint as its base (`latentrag.saving.Base`), so a model
+    trained from it saves as adapters over it (or in full) and loads again from anywhere.
+    """
+    from dataclasses import replace
+
+    from latentrag.model import RagConfig, RagModel, check_overrides
+    from latentrag.retrieval.index.importers import document_encoder_identity
+    from latentrag.retrieval.retriever import Retriever
+    from latentrag.saving import Base, PartDescription, load_part
+
+    check_overrides(overrides)
+    cache: dict = {}
+    base = Base.named(name_or_path)
+    cache[base.name] = checkpoint = open_checkpoint(base.name)
+    config = checkpoint.config
+    query_encoder = load_part("query_encoder", PartDescription(base=replace(base, component="question_encoder"),
+                                                               settings={"max_length": max_length}), cache=cache)
+    generator = load_part("generator", PartDescription(base=replace(base, component="generator")), cache=cache,
+                          max_input_length=overrides.get("max_input_length", config.max_combined_length))
+    document_encoder = Base.named(document_encoder or DEFAULT_DOCUMENT_ENCODER).name
     identity = document_encoder_identity(document_encoder, query_encoder.dim)
     rag_config = RagConfig(
-        query_encoder=f"{source}#question_encoder", document_encoder=document_encoder,
-        generator=f"{source}#generator", mode=mode, k=config.n_docs, label_smoothing=float(config.label_smoothing),
-        max_input_length=config.max_combined_length, document_encoder_identity=identity,
+        query_encoder=f"{base.name}#question_encoder", document_encoder=document_encoder,
+        generator=f"{base.name}#generator", mode=checkpoint.mode, k=config.n_docs,
+        label_smoothing=float(config.label_smoothing), max_input_length=config.max_combined_length,
+        document_encoder_identity=identity,
     )
-    model = RagModel(Retriever(query_encoder, identity), generator, rag_config)
+    rag_config = replace(rag_config, **overrides)
+    model = RagModel(Retriever(query_encoder, identity, scale=rag_config.retrieval_scale,
+                               learn_scale=rag_config.learn_retrieval_scale), generator, rag_config)
     if index is not None:
         model.swap_index(index)
     return model

@@ -13,8 +13,7 @@ The model pickles and deep-copies (the index re-opens from its folder), for Ray 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from latentrag.assets import BASE_MODEL, DEFAULT_ENCODER, DEFAULT_GENERATOR, trained_default_dir
 from latentrag.defaults import DEFAULT_K, MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
-from latentrag.generation.generators import Generator, load_generator
+from latentrag.generation.generators import Generator
 from latentrag.rag_types import DEFAULT_NUM_BEAMS, rag_type
 from latentrag.retrieval.corpus import Passage
 from latentrag.retrieval.encoders import DenseEncoder, freeze
@@ -31,14 +30,11 @@ from latentrag.retrieval.index import DenseIndex
 from latentrag.retrieval.retriever import RetrievedBatch, Retriever, check_questions
 from latentrag.retrieval.searcher import Searcher
 
-CONFIG_FILE = "rag_config.json"
-PARTS = ("query_encoder", "generator")  # what a saved model holds besides its config
-ADAPTER_SUFFIX = "_adapter"  # <part>_adapter/: LoRA adapters over the base model the config names
 
-
-@dataclass
+@dataclass(frozen=True)
 class RagConfig:
-    """Plain values with defaults: what to build a RagModel from and how to run it."""
+    """Plain values with defaults: what to build a RagModel from and how to run it. Frozen: a built model's
+    settings change only by building it again with overrides (`from_components`, `from_pretrained`)."""
 
     query_encoder: str = DEFAULT_ENCODER
     document_encoder: str = DEFAULT_ENCODER  # the frozen tower that builds indexes this model can use
@@ -52,6 +48,14 @@ class RagConfig:
     retrieval_scale: float = 1.0  # s in p(z|x) ∝ exp(s · d(z)ᵀq(x)); 1 = the paper's eq. (1); saved as learned
     learn_retrieval_scale: bool = False  # train s (as log s) with the query tower
     document_encoder_identity: dict = field(default_factory=dict)
+
+
+def check_overrides(overrides: dict) -> None:
+    """Refuse keyword overrides that are not RagConfig fields."""
+    known = {f.name for f in fields(RagConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise LatentRagError(f"unknown RagConfig field(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
 
 
 @dataclass
@@ -103,7 +107,6 @@ class RagModel(nn.Module):
         super().__init__()
         self.retriever, self.generator, self.config = retriever, generator, config
         self.register_module("document_tower", None if document_tower is None else freeze(document_tower))
-        self._merged_adapters: set[str] = set()  # parts whose saved adapters were folded into their weights
 
     def train(self, mode: bool = True) -> RagModel:
         """Training mode for the query tower and the generator; the frozen document tower stays in eval."""
@@ -113,10 +116,29 @@ class RagModel(nn.Module):
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> RagModel:
-        """As nn.Module's, except that the frozen document tower never requires gradients."""
+        """As nn.Module's, except that the frozen document tower never requires gradients, and the retrieval
+        scale only when the config learns it."""
         super().requires_grad_(requires_grad)
         if self.document_tower is not None:
             self.document_tower.requires_grad_(False)
+        self.retriever.log_scale.requires_grad_(requires_grad and self.config.learn_retrieval_scale)
+        return self
+
+    def set_trainable(self, generator: int | None = 0, query_encoder: int | None = 0,
+                      retrieval_scale: bool | None = None) -> RagModel:
+        """Choose what trains and freeze the rest. Each part trains fully (0), through new rank-r LoRA adapters
+        (r ≥ 1: only they train; `save_pretrained` then saves just them over the part's base), or not at all
+        (None); the retrieval scale when `retrieval_scale` (default: when the config learns it). The document
+        tower never trains. A freshly built or loaded model trains everything but the document tower, as
+        `set_trainable()` with its defaults."""
+        from latentrag.adapters import add_lora
+
+        for part, rank in ((self.generator, generator), (self.retriever.query_encoder, query_encoder)):
+            part.requires_grad_(rank == 0)  # the generator's adapters first: a seed draws the same adapters as before
+            if rank:
+                add_lora(part.model, rank)
+        learn = self.config.learn_retrieval_scale if retrieval_scale is None else retrieval_scale
+        self.retriever.log_scale.requires_grad_(learn)
         return self
 
     # ---- construction -------------------------------------------------------------------------------
@@ -127,84 +149,70 @@ class RagModel(nn.Module):
         """Build from encoder/generator names or paths; by default the bundled MiniLM towers and SmolLM2.
 
         `overrides` (RagConfig fields) apply on top of `config` (or of the defaults): a copy is changed,
-        never the caller's config.
+        never the caller's config. Each part records its base (`latentrag.saving.Base`: an existing folder as
+        its absolute path), so a model trained from it saves as adapters over it and loads from anywhere.
         """
-        known = {f.name for f in fields(RagConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise LatentRagError(f"unknown RagConfig field(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
+        from latentrag.saving import Base, PartDescription, load_part
+
+        check_overrides(overrides)
         config = replace(config or RagConfig(), **overrides)
+        bases = {role: Base.named(getattr(config, role)) for role in ("query_encoder", "generator")}
+        config = replace(config, document_encoder=Base.named(config.document_encoder).name,
+                         **{role: base.name for role, base in bases.items()})
         document_tower = None
         if not config.document_encoder_identity:  # a new model pairs with the tower named in its config
             document_tower = freeze(DenseEncoder.from_pretrained(config.document_encoder))
-            config.document_encoder_identity = document_tower.identity()
-        retriever = Retriever(DenseEncoder.from_pretrained(config.query_encoder), config.document_encoder_identity,
-                              scale=config.retrieval_scale, learn_scale=config.learn_retrieval_scale)
-        model = cls(retriever, load_generator(config.generator, config.max_input_length), config, document_tower)
+            config = replace(config, document_encoder_identity=document_tower.identity())
+        query_encoder = load_part("query_encoder", PartDescription(base=bases["query_encoder"]))
+        generator = load_part("generator", PartDescription(base=bases["generator"]),
+                              max_input_length=config.max_input_length)
+        retriever = Retriever(query_encoder, config.document_encoder_identity, scale=config.retrieval_scale,
+                              learn_scale=config.learn_retrieval_scale)
+        model = cls(retriever, generator, config, document_tower)
         if index is not None:
             model.swap_index(index)
         return model
 
     @classmethod
     def from_pretrained(cls, directory: str | Path | None = None, index: str | Path | Searcher | None = None,
-                        **hf_options) -> RagModel:
-        """Load a saved model, or a Hugging Face RAG checkpoint (folder or hub name; see `latentrag.hf_rag`, whose
-        `document_encoder=` option names the tower that made the index's vectors). A part saved as LoRA adapters
-        (`<part>_adapter/`) is its base model, named in the config, with the adapters folded into its weights
-        (`adapters.merge_lora`: base-model speed). No directory: the shipped fine-tuned default
-        (`assets.trained_default_dir()`); "base": the bundled towers and generator as they ship, untrained."""
-        from latentrag import hf_rag
-        from latentrag.adapters import load_lora, merge_lora
+                        document_encoder: str | None = None, **overrides) -> RagModel:
+        """Load a saved model (`latentrag.saving`: what the folder holds), or a Hugging Face RAG checkpoint
+        (folder or hub name; see `latentrag.hf_rag`, whose `document_encoder` names the tower that made the
+        index's vectors). No directory: the shipped fine-tuned default (`assets.trained_default_dir()`); "base":
+        the bundled towers and generator as they ship, untrained. `overrides` (RagConfig fields: mode, k,
+        label_smoothing, max_input_length, retrieval_scale, ...) replace the saved values while the model is built.
+
+        Parts saved as LoRA adapters are their base with the adapters folded into the weights (base-model speed).
+        Whatever the saved form, the query tower and the generator come back trainable (every parameter
+        requires gradients; `set_trainable` or `requires_grad_` decide from there)."""
+        from latentrag import hf_rag, saving
 
         if directory is None:
             directory = trained_default_dir() or BASE_MODEL
         if str(directory) == BASE_MODEL:
-            return cls.from_components(index=index, config=RagConfig())
-        path = Path(directory) / CONFIG_FILE
+            return cls.from_components(index=index, config=RagConfig(), **overrides)
+        path = Path(directory).expanduser() / saving.CONFIG_FILE
         if not path.exists() and hf_rag.hf_rag_config(directory) is not None:
-            return hf_rag.load_hf_rag(directory, index=index, **hf_options)
-        directory = Path(directory)
+            return hf_rag.load_hf_rag(directory, index=index, document_encoder=document_encoder, **overrides)
         if not path.exists():
             raise LatentRagError(
-                f"{directory} is not a saved latentrag model (no {CONFIG_FILE}), nor a Hugging Face RAG checkpoint"
+                f"{directory} is not a saved latentrag model (no {saving.CONFIG_FILE}), nor a Hugging Face RAG "
+                "checkpoint"
             )
-        config = RagConfig(**json.loads(path.read_text()))
-        for part in PARTS:
-            if (directory / part).is_dir():
-                setattr(config, part, str(directory / part))
-            elif not (directory / (part + ADAPTER_SUFFIX)).is_dir():
-                raise LatentRagError(f"{directory} lacks its {part} (neither {part}/ nor {part}{ADAPTER_SUFFIX}/)")
-        model = cls.from_components(index=index, config=config)
-        for part, module in model._parts():
-            adapter = directory / (part + ADAPTER_SUFFIX)
-            if adapter.is_dir():
-                merge_lora(load_lora(module.model, adapter))
-                model._merged_adapters.add(part)
-        return model
+        if document_encoder is not None:
+            raise LatentRagError(f"{directory} is a saved latentrag model: it names its own document encoder "
+                                 "(document_encoder= is for Hugging Face RAG checkpoints)")
+        return saving.load_folder(directory, index=index, **overrides)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the model: a part that trains through LoRA adapters is saved as those adapters alone (a few MB;
-        the config names its base model), any other part as its full weights; the config carries the retrieval
-        scale as it is now."""
-        import copy
+        """Write the model (`latentrag.saving`): its config, a description of each part, and each part — as LoRA
+        adapters alone over a portable base (a bundled asset, a hub name, an absolute folder) when it trains
+        through adapters, else as its full weights. The config carries the retrieval scale as it is now."""
+        from latentrag import saving
 
-        from latentrag.adapters import has_lora, merge_lora, save_lora
-        from latentrag.atomic import atomic_dir
+        saving.save_folder(self, directory)
 
-        config = replace(self.config, retrieval_scale=self.retriever.scale)
-        with atomic_dir(directory) as tmp:
-            for part, module in self._parts():
-                if not has_lora(module.model):
-                    module.save_pretrained(tmp / part)
-                elif part not in self._merged_adapters:
-                    save_lora(module.model, tmp / (part + ADAPTER_SUFFIX))
-                else:  # new adapters over weights that already hold merged ones: no base name describes them
-                    merged = copy.deepcopy(module)
-                    merge_lora(merged.model)
-                    merged.save_pretrained(tmp / part)
-            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
-
-    def _parts(self):
+    def parts(self) -> tuple[tuple[str, nn.Module], ...]:
         """(name, module) of the parts a saved model holds: the query tower and the generator."""
         return (("query_encoder", self.retriever.query_encoder), ("generator", self.generator))
 

@@ -71,6 +71,7 @@ class Generator(nn.Module):
     """The interface: format, teacher-forced log-probs, and cached incremental steps for decoding."""
 
     kind: str
+    source = None  # where the weights came from (`latentrag.saving.Source`), set when built by `saving.load_part`
 
     def __init__(self, model: nn.Module, tokenizer, name: str, max_input_length: int = 512):
         super().__init__()
@@ -157,6 +158,14 @@ class Generator(nn.Module):
     def save_pretrained(self, directory) -> None:
         self.model.save_pretrained(directory)  # the attention implementation is not saved: plain HF loads it
         self.tokenizer.save_pretrained(directory)
+
+    def settings(self) -> dict:
+        """What a saved model's description records of this generator besides its weights (`latentrag.saving`)."""
+        return {"max_input_length": self.max_input_length}
+
+    def input_format(self) -> dict:
+        """How this generator reads a (question, passage) pair, as a saved model's description records it."""
+        return {"kind": self.kind}
 
     def prepare(self, questions: list[str], passages: list[list[Passage]], answers: list[str] | None = None):
         raise NotImplementedError
@@ -300,6 +309,11 @@ class Seq2SeqGenerator(Generator):
             return question
         ids = self._encode_question(question)["input_ids"]
         return self._encode_question.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def input_format(self) -> dict:
+        """The separators and the prefix this generator reads (the question tokenizer, when set, is saved beside)."""
+        return {"kind": self.kind, "title_sep": self.title_sep, "doc_sep": self.doc_sep, "prefix": self._prefix(),
+                "question_tokenizer": None}
 
     def save_pretrained(self, directory) -> None:
         super().save_pretrained(directory)

@@ -106,6 +106,8 @@ def _model_class(config, default):
 class DenseEncoder(nn.Module):
     """One tower: texts -> (N, d) vectors. Pairs (title, text) are encoded as the tokenizer's sentence pair."""
 
+    source = None  # where the weights came from (`latentrag.saving.Source`), set when built by `saving.load_part`
+
     def __init__(self, model: nn.Module, tokenizer, pooling: str, normalize: bool, max_length: int, name: str):
         super().__init__()
         if pooling not in POOLINGS:
@@ -155,6 +157,10 @@ class DenseEncoder(nn.Module):
         self.tokenizer.save_pretrained(directory)
         meta = {"pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length, "name": self.name}
         (directory / _TOWER_FILE).write_text(json.dumps(meta, indent=2))
+
+    def settings(self) -> dict:
+        """What a saved model's description records of this tower besides its weights (`latentrag.saving`)."""
+        return {"pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length, "name": self.name}
 
     @property
     def dim(self) -> int:

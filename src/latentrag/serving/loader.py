@@ -24,12 +24,18 @@ def default_indexes_root() -> Path:
 
 def load_service(model_dir: str | Path | None = None, index: str | None = None,
                  indexes_root: str | Path | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
-                 model=None):
+                 model=None, *, ray: bool = False, address: str | None = None,
+                 document_encoder: str | None = None):
     """A `RagService` over the model and the index `index` (a folder name under `indexes_root`).
 
     Without a root, the cache's indexes folder (the bundled index is built there if missing); without an
-    index name, the bundled one if present, else the only index under the root.
+    index name, the bundled one if present, else the only index under the root. With `ray`, every index is
+    opened as a sharded one searched by Ray actors (`loading.open_index`) on the cluster at `address`.
+    document_encoder: for a Hugging Face RAG checkpoint, the tower its index's vectors came from.
     """
+    from functools import partial
+
+    from latentrag.loading import open_index
     from latentrag.serving.service import RagService
 
     if indexes_root is None:
@@ -52,5 +58,6 @@ def load_service(model_dir: str | Path | None = None, index: str | None = None,
     if model is None:
         from latentrag.loading import load_bare_model
 
-        model = load_bare_model(model_dir)  # the service opens and checks the index by name
-    return RagService(model, root, index, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        model = load_bare_model(model_dir, document_encoder=document_encoder)  # the service opens and checks the index by name
+    return RagService(model, root, index, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                      open_index=partial(open_index, progress=False, ray=ray, address=address))

@@ -19,14 +19,16 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from latentrag.errors import LatentRagError
 from latentrag.model import Answer, RagModel
 from latentrag.rag_types import rag_type
-from latentrag.retrieval.index import MANIFEST, DenseIndex
+from latentrag.retrieval.index import MANIFEST
 from latentrag.retrieval.retriever import RetrievedBatch
+from latentrag.retrieval.searcher import Searcher
 from latentrag.serving.batcher import Job, MicroBatcher
 from latentrag.serving.metrics import Metrics
 from latentrag.serving.schemas import AskRequest, RetrieveRequest
@@ -61,7 +63,7 @@ class Settings:
 @dataclass(frozen=True)
 class ActiveIndex:
     name: str
-    index: DenseIndex
+    index: Searcher
     manifest_sha256: str
 
     def ref(self) -> dict:
@@ -83,8 +85,14 @@ def _passages(answer_passages, probs) -> list[dict]:
 
 class RagService:
     def __init__(self, model: RagModel, indexes_root: str | Path, index_name: str, max_batch: int = 8,
-                 max_wait_ms: float = 5.0, admin_token: str | None = None):
+                 max_wait_ms: float = 5.0, admin_token: str | None = None,
+                 open_index: Callable[[Path], Searcher] | None = None):
+        """open_index: the searcher over an index folder (default `loading.open_index`: a `DenseIndex`, refusing
+        a sharded folder; pass `functools.partial(open_index, ray=True)` to serve sharded ones with Ray)."""
         self.model = model
+        if open_index is None:
+            from latentrag.loading import open_index
+        self.open_index = open_index
         self.root = Path(indexes_root).expanduser()
         if not self.root.is_dir():
             raise LatentRagError(f"indexes root {self.root} is not a folder: give --indexes-root DIR")
@@ -227,7 +235,7 @@ class RagService:
     def load_index(self, name: str) -> ActiveIndex:
         directory = self.index_dir(name)
         try:
-            return ActiveIndex(name, DenseIndex.load(directory), manifest_sha256(directory))
+            return ActiveIndex(name, self.open_index(directory), manifest_sha256(directory))
         except ServiceError:
             raise
         except LatentRagError as e:

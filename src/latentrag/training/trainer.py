@@ -124,8 +124,10 @@ class TrainSettings:
             raise LatentRagError(f"--device is cpu or cuda, got '{self.device}'")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise LatentRagError("--device cuda, but no CUDA device is available")
-        if self.model and any((self.query_encoder, self.document_encoder, self.generator)):
-            raise LatentRagError("--model starts from a saved model: do not also name its encoders or generator")
+        if self.model and any((self.query_encoder, self.generator)):
+            raise LatentRagError("--model starts from a saved model: do not also name its query encoder or "
+                                 "generator (--document-encoder names the index's tower for a Hugging Face RAG "
+                                 "checkpoint)")
 
     @property
     def learning_rate(self) -> float:
@@ -229,40 +231,24 @@ def load_data(s: TrainSettings, index) -> tuple[list[TrainPair], list[TrainPair]
 
 
 def build_model(s: TrainSettings, index, device: torch.device):
-    """The model to train, with LoRA adapters and trainable parts set as the settings ask."""
-    from latentrag.adapters import add_lora
+    """The model to train: built with the run's settings (mode, k, label smoothing, input length, retrieval
+    scale) from the start, then LoRA adapters and trainable parts chosen by `RagModel.set_trainable`."""
     from latentrag.model import RagModel
 
-    overrides = {"mode": s.mode, "k": s.k}
-    if s.label_smoothing is not None:
-        overrides["label_smoothing"] = s.label_smoothing
-    if s.max_input_length is not None:
-        overrides["max_input_length"] = s.max_input_length
+    overrides = {"mode": s.mode, "k": s.k, "learn_retrieval_scale": s.learn_retrieval_scale}
+    optional = {"label_smoothing": s.label_smoothing, "max_input_length": s.max_input_length,
+                "retrieval_scale": s.retrieval_scale}
+    overrides.update({key: value for key, value in optional.items() if value is not None})
     if s.model:
-        model = RagModel.from_pretrained(s.model, index=index)
-        for key, value in overrides.items():
-            setattr(model.config, key, value)
+        extra = {"document_encoder": s.document_encoder} if s.document_encoder else {}
+        model = RagModel.from_pretrained(s.model, index=index, **extra, **overrides)
     else:
         names = {"query_encoder": s.query_encoder, "document_encoder": s.document_encoder, "generator": s.generator}
         model = RagModel.from_components(index=index, **{k: v for k, v in names.items() if v}, **overrides)
-    model.requires_grad_(False)
-    generator = model.generator
-    if s.lora_rank:
-        add_lora(generator.model, s.lora_rank)
-    else:
-        generator.model.requires_grad_(True)
-    tower = model.retriever.query_encoder
     query_rank = s.lora_rank if s.query_lora_rank is None else s.query_lora_rank
-    if not (s.freeze_query_encoder or s.closed_book):
-        if query_rank:
-            add_lora(tower.model, query_rank)
-        else:
-            tower.model.requires_grad_(True)
-    if s.retrieval_scale is not None:
-        with torch.no_grad():
-            model.retriever.log_scale.fill_(math.log(s.retrieval_scale))
-    model.retriever.log_scale.requires_grad_(s.learn_retrieval_scale and not s.closed_book)
-    model.config.learn_retrieval_scale = s.learn_retrieval_scale
+    model.set_trainable(generator=s.lora_rank,
+                        query_encoder=None if s.freeze_query_encoder or s.closed_book else query_rank,
+                        retrieval_scale=s.learn_retrieval_scale and not s.closed_book)
     return model.to(device)
 
 
@@ -398,7 +384,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
             if main:
                 _append_log(log_path, {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                                        "grad_norm": grad_norm, "examples": stream.position, "epoch": stream.epoch,
-                                       "seconds": seconds, "scale": model.retriever.log_scale.detach().exp().item(),
+                                       "seconds": seconds, "scale": model.retriever.scale,
                                        **({"kept": used / drawn, "counterfactual": rewritten} if selector.active
                                           else {})})
             if step % s.eval_every == 0 or step == total_steps:
