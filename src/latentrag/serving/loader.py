@@ -24,7 +24,7 @@ def default_indexes_root() -> Path:
 
 def load_service(model_dir: str | Path | None = None, index: str | None = None,
                  indexes_root: str | Path | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
-                 model=None):
+                 model=None, limits=None):
     """A `RagService` over the model and the index `index` (a folder name under `indexes_root`).
 
     Without a root, the cache's indexes folder (the bundled index is built there if missing); without an
@@ -53,4 +53,4 @@ def load_service(model_dir: str | Path | None = None, index: str | None = None,
         from latentrag.loading import load_bare_model
 
         model = load_bare_model(model_dir)  # the service opens and checks the index by name
-    return RagService(model, root, index, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    return RagService(model, root, index, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits)
