@@ -11,6 +11,7 @@ dropped, streamed or not.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
@@ -36,6 +38,7 @@ from latentrag.serving.schemas import (
 from latentrag.serving.service import ClientLeft, RagService, ServiceError
 
 WEB = Path(__file__).parent / "web"
+DOCS_ASSETS = Path(importlib.util.find_spec("fastapi_offline").origin).parent / "static"  # Swagger UI 5
 MAX_BODY = 16 * 1024  # bytes; a question is at most 2,000 characters
 log = logging.getLogger("latentrag.serving")
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
@@ -146,7 +149,7 @@ def create_app(service: RagService) -> FastAPI:
         finally:
             await service.stop()
 
-    app = FastAPI(title="latentrag", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="latentrag", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Retrieval-Augmented Generation (Lewis et al. 2020): answers with their evidence.")
     app.state.service = service
 
@@ -264,6 +267,16 @@ def create_app(service: RagService) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(WEB / "index.html")
+
+    # /docs: Swagger UI 5 from assets served here (the fastapi-offline package ships them): no CDN, works offline
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="latentrag API",
+                                   swagger_js_url="/static-docs/swagger-ui-bundle.js",
+                                   swagger_css_url="/static-docs/swagger-ui.css",
+                                   swagger_favicon_url="/static-docs/favicon.png")
+
+    app.mount("/static-docs", StaticFiles(directory=DOCS_ASSETS), name="static-docs")
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     return app
