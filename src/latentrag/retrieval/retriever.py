@@ -140,6 +140,7 @@ class Retriever(nn.Module):
         if (ids < 0).any():
             raise LatentRagError(f"the index returned fewer than k={k} passages; lower k or widen the search")
         vectors = np.require(vectors, np.float32, ["C", "W"])  # a writable copy only when needed
-        doc_vectors = torch.from_numpy(vectors).to(q.device, q.dtype)  # (B,k,d), constants
-        scores = self.log_scale.exp() * torch.einsum("bd,bkd->bk", q, doc_vectors)
+        doc_vectors = torch.from_numpy(vectors).to(q.device, torch.float32)  # (B,k,d), constants
+        with torch.autocast(q.device.type, enabled=False):  # in fp32 even under bf16 autocast: the softmax
+            scores = self.log_scale.float().exp() * torch.einsum("bd,bkd->bk", q.float(), doc_vectors)  # needs it
         return RetrievedBatch(questions, ids, index.passages(ids), doc_vectors, scores)
