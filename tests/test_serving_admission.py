@@ -102,10 +102,17 @@ def test_the_cost_of_a_request():
     assert request_cost("fast", 5, 4, 32) == 5 * (256 + 4 * 32)
     assert request_cost("thorough", 5, 4, 32) == 5 * (256 + 4 * 32 * 6)
     # the request of the issue: ~10 million, far above the default bound; the page's defaults are far below it
-    assert request_cost("thorough", 50, 16, 256) > 250 * Limits().max_cost
+    assert request_cost("thorough", 50, 16, 256) > 500 * Limits().max_cost
     assert request_cost("thorough", 5, 4, 32) < Limits().max_cost  # the page: RAG-Sequence, k = 5, 4 beams
     with pytest.raises(Exception, match="max-pending-cost"):
         Limits(max_cost=100, max_pending_cost=50)
+
+
+def test_the_cost_counts_the_beams_the_model_would_use(model, root):
+    service = _service(model, root)
+    settings = service.settings(AskRequest(question="Who?", mode="sequence", k=3))  # thorough, beams unset
+    assert settings.num_beams == model.config.num_beams > 1
+    assert service.check_cost(settings) == request_cost("thorough", 3, model.config.num_beams, 6)
 
 
 def test_a_request_over_the_cost_bound_is_refused_with_what_to_do(model, root):

@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8, help="requests per micro-batch at most")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for company")
-    serve.add_argument("--max-cost", type=int, default=None, help="cost bound per request (default 8000), "
+    serve.add_argument("--max-cost", type=int, default=None, help="cost bound per request (default 16000), "
                        "cost = k·(256 + beams·max_new_tokens·(1+k if thorough else 1)); above it: 422")
     serve.add_argument("--max-queue", type=int, default=None,
                        help="requests waiting at most (default 64); one more: 429 with Retry-After")

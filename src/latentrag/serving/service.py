@@ -235,7 +235,10 @@ class RagService:
             raise ServiceError(str(e), 422) from e
         if request.stream and (mode, decoding) != ("token", "greedy"):
             raise ServiceError(f"streaming needs mode 'token' with decoding 'greedy', not {mode}/{decoding}", 422)
-        return Settings(mode, decoding, self._k(request.k), request.num_beams, max_new_tokens)
+        num_beams = request.num_beams
+        if num_beams is None and decoding != "greedy":
+            num_beams = config.num_beams  # what `model.generate` would use: the cost counts it
+        return Settings(mode, decoding, self._k(request.k), num_beams, max_new_tokens)
 
     def _k(self, k: int | None) -> int:
         k = self.model.config.k if k is None else k
