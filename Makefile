@@ -1,16 +1,21 @@
 # Two commands: `make demo` and `make test`. Both create or reuse .venv and install only what changed.
+# `make demo` needs neither root nor a browser; only `make test` installs Debian's chromium (for the browser test).
+# TORCH_INDEX_URL: where pip takes torch from; empty = the configured index (as today). On a plain Linux machine
+# without a GPU, `make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu` avoids the CUDA build (GBs).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BROWSER_STAMP := $(VENV)/.browser
+TORCH_INDEX_URL ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .PHONY: demo test lint bench train-default clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-assets.txt pyproject.toml
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # browser test (root)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet $(TORCH_INDEX) torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-assets.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
@@ -19,7 +24,12 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-assets.txt pyprojec
 demo: $(STAMP)
 	$(BIN)/latentrag demo
 
-test: $(STAMP)
+# the browser test's chromium: Debian's package (apt-get: root); without it that test is skipped
+$(BROWSER_STAMP): $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	touch $(BROWSER_STAMP)
+
+test: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -3,6 +3,15 @@ throughput of micro-batching against one request at a time, measured in one run.
 
     python benchmarks/load.py --quick      # under two minutes: benchmarks/results/load-quick.{json,md}
     python benchmarks/load.py              # longer phases: benchmarks/results/load.{json,md}
+    python benchmarks/load.py --admission  # admission control: benchmarks/results/load-admission.{json,md}
+
+`--admission` (issue 20): one server at a time (max batch 8, one torch thread), first without limits (the
+behaviour before admission control: --max-cost, --max-pending-cost and --request-timeout set out of reach),
+then with the default limits. In each phase one client sends the most expensive request the default limits
+allow (RAG-Token greedy over k = 50 passages, 64 new tokens: cost 16,000; see `--expensive-*`), and 3 s later `--clients` closed-loop clients send tiny
+requests (k = 1, 4 new tokens) for `--duration` s with a 60-s client timeout. Reported per phase: the tiny
+requests' p50/p95 latency, how many were answered, refused (429/503, and how fast) or timed out, and the
+expensive request's own status and latency.
 
 The server is the real one (`latentrag serve` in a subprocess, uvicorn on 127.0.0.1) on the bundled
 models (MiniLM query tower, SmolLM2-135M-Instruct generator), RAG-Token greedy. Its indexes are two
@@ -81,12 +90,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root: Path, max_batch: int, max_wait_ms: float, threads: int):
+def start_server(root: Path, max_batch: int, max_wait_ms: float, threads: int, extra: tuple = ()):
     port = free_port()
     env = dict(os.environ, LATENTRAG_ADMIN_TOKEN=TOKEN)
     cmd = [sys.executable, "-m", "latentrag", "--threads", str(threads), "serve", "--indexes-root", str(root),
            "--index", "a", "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
-           "--log-level", "warning"]
+           "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -175,9 +184,156 @@ def summarise(phases: list[dict], ids: dict[str, set[str]]) -> dict:
     }
 
 
+async def admission_phase(url: str, qs: list[str], clients: int, duration: float, expensive: dict) -> dict:
+    """The most expensive allowed request, then tiny closed-loop clients while it runs."""
+    tiny = {"mode": "token", "decoding": "greedy", "k": 1, "max_new_tokens": 4}
+    records: list[dict] = []
+    big: dict = {}
+    t0 = time.perf_counter()
+
+    async def heavy(http: httpx.AsyncClient) -> None:
+        start = time.perf_counter()
+        try:
+            r = await http.post("/v1/ask", json={"question": qs[0], **expensive}, timeout=900)
+            big["status"] = r.status_code
+        except httpx.HTTPError as e:
+            big["status"] = type(e).__name__
+        big["end"] = time.perf_counter()
+        big["seconds"] = round(big["end"] - start, 2)
+
+    async def client(c: int, http: httpx.AsyncClient, end: float) -> None:
+        i = c
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            try:
+                r = await http.post("/v1/ask", json={"question": qs[1 + i % (len(qs) - 1)], **tiny}, timeout=60)
+                status = r.status_code
+            except httpx.TimeoutException:
+                status = "timeout"
+            except httpx.HTTPError as e:
+                status = type(e).__name__
+            i += clients
+            records.append({"status": status, "seconds": time.perf_counter() - start, "start": start})
+            if status in (429, 503):
+                await asyncio.sleep(0.2)  # a polite client: refused, it tries again a little later
+
+    async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=clients + 2)) as http:
+        task = asyncio.ensure_future(heavy(http))
+        await asyncio.sleep(3.0)
+        running = "status" not in big
+        end = time.perf_counter() + duration
+        await asyncio.gather(*(client(c, http, end) for c in range(clients)))
+        tiny_done = time.perf_counter() - t0
+        await task
+    def summary(rows: list[dict]) -> dict:
+        latency = sorted(r["seconds"] for r in rows)
+        refused = [r for r in rows if r["status"] in (429, 503)]
+
+        def pct(q):
+            return (round(statistics.quantiles(latency, n=100, method="inclusive")[q - 1], 3)
+                    if len(latency) > 1 else (round(latency[0], 3) if latency else None))
+
+        return {"tiny_requests": len(rows), "answered": sum(r["status"] == 200 for r in rows),
+                "refused_429_503": len(refused), "timed_out_60s": sum(r["status"] == "timeout" for r in rows),
+                "other": sum(r["status"] not in (200, 429, 503, "timeout") for r in rows),
+                "p50_s": pct(50), "p95_s": pct(95),
+                "max_refusal_s": round(max((r["seconds"] for r in refused), default=0.0), 3)}
+
+    big_end = big.pop("end", float("inf"))
+    return {"while_expensive_ran": summary([r for r in records if r["start"] < big_end]),
+            "after_it_ended": summary([r for r in records if r["start"] >= big_end]),
+            "all": summary(records),
+            "expensive_running_when_tiny_started": running, "expensive": big,
+            "tiny_phase_s": round(tiny_done, 1)}
+
+
+def admission(args, root: Path, qs: list[str]) -> int:
+    import torch
+
+    from latentrag.serving.admission import Limits, request_cost
+
+    greedy = args.expensive_decoding == "greedy"
+    expensive = {"mode": "token" if args.expensive_decoding in ("greedy", "beam") else "sequence",
+                 "decoding": args.expensive_decoding, "k": args.expensive_k, "max_new_tokens": args.expensive_tokens}
+    if not greedy:
+        expensive["num_beams"] = args.expensive_beams
+    cost = request_cost(args.expensive_decoding, args.expensive_k, None if greedy else args.expensive_beams,
+                        args.expensive_tokens)
+    limits = Limits()
+    off = ("--max-cost", "1000000000", "--max-pending-cost", "1000000000", "--max-queue", "1000000",
+           "--request-timeout", "100000")
+    phases, loads = {}, []
+    for label, extra in (("before: no limits", off), ("after: default limits", ())):
+        proc, url = start_server(root, args.batch, args.max_wait_ms, args.threads, extra)
+        try:
+            loads.append(os.getloadavg())
+            phases[label] = asyncio.run(admission_phase(url, qs, args.clients, args.duration or 30.0, expensive))
+            loads.append(os.getloadavg())
+        finally:
+            t = time.perf_counter()
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            phases[label]["sigterm_exit_s"] = round(time.perf_counter() - t, 2)
+        print(f"{label}: {json.dumps(phases[label])}", file=sys.stderr)
+    result = {
+        "command": "python benchmarks/load.py --admission" + (f" --duration {args.duration:g}" if args.duration else ""),
+        "expensive_request": {**expensive, "cost": cost},
+        "limits": {"max_cost": limits.max_cost, "max_pending_cost": limits.max_pending_cost,
+                   "max_queue": limits.max_queue, "timeout_s": limits.timeout_s},
+        "settings": {"clients": args.clients, "duration_s": args.duration or 30.0, "server_threads": args.threads,
+                     "max_batch": args.batch, "models": "the shipped trained default (MiniLM query tower + LoRA, "
+                     "SmolLM2-135M-Instruct + LoRA)", "passages_per_index": args.passages or 300},
+        "machine": {"cores": os.cpu_count(), "load_average_1_5_15": [[round(x, 2) for x in a] for a in loads],
+                    "torch": torch.__version__},
+        "phases": phases,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "load-admission.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "load-admission.md").write_text(render_admission(result))
+    during = phases["after: default limits"]["while_expensive_ran"]
+    ok = during["tiny_requests"] > 0 and during["timed_out_60s"] == 0 and during["other"] == 0 and (
+        (during["p95_s"] or 0) <= 2.0 or (during["answered"] == 0 and during["max_refusal_s"] <= 2.0))
+    print(json.dumps({"ok": ok, **{k: {"while_expensive_ran": v["while_expensive_ran"]} for k, v in phases.items()}}))
+    return 0 if ok else 1
+
+
+def render_admission(result: dict) -> str:
+    e, s, m = result["expensive_request"], result["settings"], result["machine"]
+    lines = [
+        "# Admission control under an expensive request", "",
+        f"`{result['command']}` — one server at a time ({s['models']}, {s['server_threads']} torch thread, max batch "
+        f"{s['max_batch']}). The most expensive request the default limits allow ({e['mode']}/{e['decoding']}, "
+        f"k = {e['k']}, {e.get('num_beams', 1)} beam(s), {e['max_new_tokens']} new tokens: cost {e['cost']} of --max-cost "
+        f"{result['limits']['max_cost']}) is sent first; 3 s later {s['clients']} closed-loop clients send tiny "
+        f"requests (k = 1, 4 new tokens) for {s['duration_s']:g} s (60-s client timeout; a refused client waits "
+        f"0.2 s). Machine: {m['cores']} cores shared with a training run (load average 1/5/15 min at the start and "
+        f"end of each phase: {m['load_average_1_5_15']}).", "",
+        "| phase | tiny requests sent | answered | refused (429/503) | slowest refusal (s) | timed out (60 s) | "
+        "p50 (s) | p95 (s) | expensive request | SIGTERM to exit (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, phase in result["phases"].items():
+        for part in ("while_expensive_ran", "after_it_ended"):
+            p = phase[part]
+            lines.append(f"| {label}, {part.replace('_', ' ')} | {p['tiny_requests']} | {p['answered']} | "
+                         f"{p['refused_429_503']} | {p['max_refusal_s']} | {p['timed_out_60s']} | {p['p50_s']} | "
+                         f"{p['p95_s']} | {phase['expensive'].get('status')} in {phase['expensive'].get('seconds')} s"
+                         f" | {phase['sigterm_exit_s']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short phases (under two minutes in all)")
+    parser.add_argument("--admission", action="store_true", help="admission control before/after (see above)")
+    parser.add_argument("--expensive-decoding", default="greedy", help="greedy | beam | thorough | fast")
+    parser.add_argument("--expensive-k", type=int, default=50)
+    parser.add_argument("--expensive-beams", type=int, default=4)
+    parser.add_argument("--expensive-tokens", type=int, default=64)  # greedy, k = 50: cost 16,000 = the default bound
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--duration", type=float, default=None, help="seconds per phase (quick 20, else 60)")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds of both modes (quick 2, else 4)")
@@ -203,6 +359,8 @@ def main() -> int:
     ids = build_indexes(root, per_index, args.words)
     print(f"indexes a, b of {per_index} passages in {root} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
     qs = questions(root)
+    if args.admission:
+        return admission(args, root, qs)
     body = {"mode": "token", "decoding": "greedy", "k": args.k, "max_new_tokens": args.max_new_tokens}
 
     modes = {"one_at_a_time": 1, "micro_batched": args.batch}

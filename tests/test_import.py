@@ -9,9 +9,11 @@ The vectors are the tiny DPR context tower's own encodings, so an import must eq
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -175,8 +177,11 @@ def test_id_mismatches_are_named(tmp_path, vectors):
         import_dpr_embeddings(twice, tsv, out, identity)
     with pytest.raises(LatentRagError, match="no DPR embeddings shards match"):
         import_dpr_embeddings(str(tmp_path / "none_*.pkl"), tsv, out, identity)
-    # nothing half-written remains: no index, no work folder
-    assert not out.exists() and not (tmp_path / ".idx.import").exists()
+    # nothing half-written looks like an index; errors found after the passages were written keep that work
+    # for --resume (issue 20), and the message says so
+    assert not out.exists() and (tmp_path / ".idx.import" / "state.json").exists()
+    with pytest.raises(LatentRagError, match=r"work so far is kept in .*\.idx\.import"):
+        import_dpr_embeddings(twice, tsv, out, identity)
 
 
 def test_interrupted_import_resumes_without_rereading_placed_shards(dpr_files, reference, ctx, tmp_path, monkeypatch):
@@ -258,13 +263,14 @@ def test_hf_dataset_bad_input(tmp_path, vectors):
     with pytest.raises(LatentRagError, match=r"no column \['embeddings'\]"):
         import_hf_dataset(no_emb, tmp_path / "idx", {"name": "x", "sha256": "y"})
     wrong_dim = save_to_disk(tmp_path / "b", _hf_table(_passages(), vectors), shards=1)
-    with pytest.raises(LatentRagError, match="dimension 32 but document encoder 'x' produces 768"):
+    with pytest.raises(LatentRagError, match="dimension 32, but document encoder 'x' produces 768"):
         import_hf_dataset(wrong_dim, tmp_path / "idx", {"name": "x", "sha256": "y", "dim": 768})
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
     with pytest.raises(LatentRagError, match="several splits"):
         import_hf_dataset(tmp_path / "c", tmp_path / "idx", {"name": "x", "sha256": "y"})
-    assert not (tmp_path / "idx").exists() and not (tmp_path / ".idx.import").exists()
+    # no index; the passages written before the dimension was found are kept for --resume (issue 20)
+    assert not (tmp_path / "idx").exists() and (tmp_path / ".idx.import" / "state.json").exists()
 
 
 def test_cli_import(dpr_files, ctx, tmp_path, capsys):
@@ -333,3 +339,47 @@ def test_import_index_checks_up_front_and_records_a_name(dpr_files, tmp_path, ca
     encoder = DenseIndex.load(tmp_path / "idx").manifest.encoder
     assert encoder["sha256"] == "unverified-name:facebook/dpr-ctx_encoder-single-nq-base"
     assert encoder["dim"] == 32 and encoder["verified"] is False  # the vectors' dimension
+
+
+def test_vectors_of_another_dimension_than_the_named_encoder_are_refused_at_import(dpr_files, tmp_path):
+    """Issue 20: `--no-load-encoder` naming `minilm` (384) for 32-dim vectors made an index refused only later."""
+    from latentrag.retrieval.index.importers import import_index
+
+    tsv, pattern = dpr_files
+    with pytest.raises(LatentRagError, match="dimension 32, but document encoder 'minilm' produces 384"):
+        import_index(tmp_path / "idx", "minilm", dpr_embeddings=pattern, passages=tsv, load_encoder=False,
+                     progress=False)
+    assert not (tmp_path / "idx").exists()
+    # the passages were written: the work is kept, and naming the right encoder resumes it
+    index = import_index(tmp_path / "idx", "some/dpr-ctx", dpr_embeddings=pattern, passages=tsv, load_encoder=False,
+                         resume=True, progress=False)
+    assert index.manifest.encoder["dim"] == 32 and len(index) == 30
+
+
+def test_a_late_error_keeps_the_resumable_work(dpr_files, reference, ctx, tmp_path, monkeypatch):
+    """A bad second shard (after the passages and the first shard are placed) keeps the work; once the shard is
+    given again, --resume places only what is missing."""
+    import latentrag.retrieval.index.importers as importers
+
+    tsv, pattern = dpr_files
+    real = importers.load_dpr_shard
+    calls: list[str] = []
+
+    def corrupt_second(path):
+        calls.append(os.path.basename(path))
+        if len(calls) == 2:
+            raise LatentRagError(f"{path}: not a DPR embeddings shard (truncated pickle)")
+        return real(path)
+
+    monkeypatch.setattr(importers, "load_dpr_shard", corrupt_second)
+    with pytest.raises(LatentRagError, match="work so far is kept") as info:
+        import_dpr_embeddings(pattern, tsv, tmp_path / "idx", ctx[0].identity(), chunk_size=4)
+    assert "--resume" in str(info.value)
+    assert (tmp_path / ".idx.import" / "shard-00000.rows.npy").exists() and not (tmp_path / "idx").exists()
+    second = Path(sorted(glob.glob(pattern))[1])
+    os.utime(second, ns=(second.stat().st_atime_ns, second.stat().st_mtime_ns + 10**9))  # "downloaded again"
+    calls.clear()
+    monkeypatch.setattr(importers, "load_dpr_shard", lambda p: (calls.append(os.path.basename(p)), real(p))[1])
+    index = import_dpr_embeddings(pattern, tsv, tmp_path / "idx", ctx[0].identity(), chunk_size=4, resume=True)
+    assert calls == ["wikipedia_passages_1.pkl", "wikipedia_passages_2.pkl"]  # not the placed first shard
+    np.testing.assert_array_equal(index.reconstruct(np.arange(30)[None]), reference.reconstruct(np.arange(30)[None]))

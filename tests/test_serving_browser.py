@@ -25,6 +25,7 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "browser-test-token"
+_server_model: list = []  # the model the server answers with (a test forces its output)
 
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None and not shutil.which(CHROMIUM),
                                 reason="Debian's chromium is not installed (`make test` installs it)")
@@ -46,6 +47,7 @@ def server(tmp_path_factory):
     retriever = Retriever(tiny_dense_encoder("dpr-question", seed=1), document_encoder.identity())
     model = RagModel(retriever, tiny_decoder_only_generator(seed=0), RagConfig(k=3, max_new_tokens=8))
     service = RagService(model, root, "facts", max_wait_ms=2, admin_token=TOKEN)
+    _server_model.append(model)
     port = _free_port()
     config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
@@ -125,3 +127,52 @@ def test_bad_input_shows_the_servers_message(server, browser):
     page.click("#ask")
     page.wait_for_selector("#status.error")
     assert "question" in page.text_content("#status").lower()
+
+
+def _offline(page, server):
+    """Every request that leaves the server's origin is refused and recorded: the page must not need one."""
+    outside = []
+
+    def route(r):
+        if r.request.url.startswith(server):
+            return r.continue_()
+        outside.append(r.request.url)
+        return r.abort()
+
+    page.route("**/*", route)
+    return outside
+
+
+def test_swagger_ui_works_offline(server, browser):
+    page = browser.new_page()
+    outside = _offline(page, server)
+    page.goto(server + "/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=30_000)  # Swagger UI rendered the operations
+    paths = page.locator(".opblock-summary-path").all_text_contents()
+    assert any("/v1/ask" in p for p in paths) and any("/v1/retrieve" in p for p in paths)
+    assert outside == []
+
+
+def test_streamed_characters_are_never_broken_on_the_page(server, browser, monkeypatch):
+    """The generator is forced to answer with characters that span several byte-level tokens."""
+    gen = _server_model[0].generator
+    target = gen.tokenizer.encode(" ☃ é", add_special_tokens=False) + [gen.eos_token_id]  # 8 tokens: the page asks 8
+    start, step, position = gen.start, gen.step, [0]
+
+    def force(logprobs):
+        i = min(position[0], len(target) - 1)
+        position[0] += 1
+        logprobs[...] = float("-inf")
+        logprobs[..., target[i]] = 0.0
+        return logprobs
+
+    monkeypatch.setattr(gen, "start", lambda *a, **kw: (lambda s, lp: (s, force(lp)))(*start(*a, **kw)))
+    monkeypatch.setattr(gen, "step", lambda state, tokens: (lambda s, lp: (s, force(lp)))(*step(state, tokens)))
+    page = browser.new_page()
+    page.goto(server + "/")
+    page.fill("#question", "Where?")
+    page.fill("#k", "2")
+    page.click("#ask")
+    page.wait_for_selector("#answer[data-state=done]", timeout=30_000)
+    shown = page.text_content("#answer")
+    assert "☃ é" in shown and "\ufffd" not in shown

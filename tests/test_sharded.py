@@ -169,3 +169,20 @@ def test_serve_opens_a_sharded_index_with_ray(ray_cluster, corpus):
         assert [[p.id for p in a.passages] for a in served] == [[p.id for p in a.passages] for a in alone]
     finally:
         service.active.index.close()
+
+
+def test_a_failed_size_check_releases_the_actors(ray_cluster, corpus, tmp_path, monkeypatch):
+    """Issue 20: the actors started before a shard failed its size check were left running."""
+    root, _, vectors, passages, _ = corpus
+    shutil.copytree(root / "sharded", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "copy" / "shard-001")
+    build_index_from_vectors(vectors[200:350], passages[200:350], tmp_path / "copy" / "shard-001", IDENTITY)
+    closed = []
+    close = ShardedIndex.close
+    monkeypatch.setattr(ShardedIndex, "close", lambda self: (closed.append(list(self._actors)), close(self))[1])
+    with pytest.raises(LatentRagError, match=r"shard 1 .* holds 150 passages, the manifest says 200"):
+        ShardedIndex(tmp_path / "copy", num_cpus=0.25, max_restarts=0)
+    assert len(closed) == 1 and len(closed[0]) == 3  # every actor started was killed
+    for actor in closed[0]:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.size.remote(), timeout=30)

@@ -36,16 +36,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success rename it onto `path` (replacing an old one)."""
+    """Yield a temporary folder next to `path`; on success fsync every file in it and the folder itself, then
+    rename it onto `path` (replacing an old one): after a power loss the folder is whole or absent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
         replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every folder (deepest first), so their entries are durable."""
+    folders = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        folders += [Path(dirpath) / d for d in dirnames]
+        for name in filenames:
+            with open(Path(dirpath) / name, "rb") as f:
+                os.fsync(f.fileno())
+    for folder in reversed(folders):
+        fsync_dir(folder)
 
 
 def fsync_dir(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -195,11 +196,23 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from latentrag.serving import create_app
+    from latentrag.serving.admission import Limits
     from latentrag.serving.loader import load_service
 
+    given = {"max_cost": args.max_cost, "max_queue": args.max_queue, "max_pending_cost": args.max_pending_cost,
+             "timeout_s": args.request_timeout, "grace_s": args.grace}
+    limits = Limits(**{key: value for key, value in given.items() if value is not None})
     service = load_service(args.model, args.index, args.indexes_root, args.max_batch, args.max_wait_ms,
-                           ray=args.ray, address=args.address, document_encoder=args.document_encoder)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+                           ray=args.ray, address=args.address, document_encoder=args.document_encoder,
+                           limits=limits)
+    # SIGTERM: stop accepting, let requests in flight finish for at most --grace s, then stop the rest
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=limits.grace_s)
+    if service.batcher.busy:  # a decoding step still running after the grace period: do not wait for it
+        print("latentrag serve: a batch was still running after the grace period; exiting without it",
+              file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -349,6 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8, help="requests per micro-batch at most")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for company")
+    serve.add_argument("--max-cost", type=int, default=None, help="cost bound per request (default 16000), "
+                       "cost = k·(256 + beams·max_new_tokens·(1+k if thorough else 1)); above it: 422")
+    serve.add_argument("--max-queue", type=int, default=None,
+                       help="requests waiting at most (default 64); one more: 429 with Retry-After")
+    serve.add_argument("--max-pending-cost", type=int, default=None,
+                       help="summed cost of the requests waiting and running (default --max-cost); above: 503")
+    serve.add_argument("--request-timeout", type=float, default=None,
+                       help="seconds from a request's arrival to its answer (default 120); then it is dropped: 503")
+    serve.add_argument("--grace", type=float, default=None, help="on SIGTERM, seconds the requests in flight "
+                       "may take to finish (default 10) before they are stopped")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--ray", action="store_true", help="serve sharded indexes, one Ray actor per shard")
     serve.add_argument("--address", default=None, help="with --ray: 'auto' or HOST:PORT (default: a local cluster)")

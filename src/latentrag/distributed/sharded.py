@@ -263,11 +263,15 @@ class ShardedIndex:
                 f"{num_cpus} CPU and the cluster has {free:g} of {total:g} CPUs free; ask for less (num_cpus) "
                 "or add nodes"
             )
-        sizes = [self._call(s, lambda a: a.size.remote(), ref) for s, ref in enumerate(refs)]
-        for s, (spec, size) in enumerate(zip(self.shards, sizes, strict=True)):
-            if size != spec.count:
-                raise LatentRagError(f"shard {s} ({self.directory / spec.directory}) holds {size} passages, the "
-                                     f"manifest says {spec.count}; rebuild the index")
+        try:  # a shard that fails its size check (or cannot start) releases every actor started
+            sizes = [self._call(s, lambda a: a.size.remote(), ref) for s, ref in enumerate(refs)]
+            for s, (spec, size) in enumerate(zip(self.shards, sizes, strict=True)):
+                if size != spec.count:
+                    raise LatentRagError(f"shard {s} ({self.directory / spec.directory}) holds {size} passages, "
+                                         f"the manifest says {spec.count}; rebuild the index")
+        except BaseException:
+            self.close()
+            raise
         self._starts = np.array([s.start for s in self.shards] + [self.manifest.count], dtype=np.int64)
         del ray
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from latentrag.defaults import MAX_NEW_TOKENS
 from latentrag.errors import LatentRagError
 from latentrag.generation.generators import DecodeState, Generator, GeneratorBatch
+from latentrag.generation.interrupt import checkpoint
 from latentrag.marginals import sequence_posterior, token_posterior
 
 NEG = -1.0e9  # "impossible" score for bookkeeping (as HF's beam search): finite, so sums stay ordered
@@ -176,6 +177,7 @@ def greedy_search(generator: Generator, state: DecodeState, logprobs: Tensor, sc
     lengths = torch.full((groups,), steps, dtype=torch.long, device=device)
     finished = torch.zeros(groups, dtype=torch.bool, device=device)
     for t in range(steps):
+        checkpoint()
         beam_lp, per_doc = scorer(logprobs, groups, 1)
         beam_lp = beam_lp[:, 0]
         if t < opts.min_new_tokens:
@@ -223,6 +225,7 @@ def beam_search(generator: Generator, state: DecodeState, logprobs: Tensor, scor
         return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:]))
 
     for t in range(steps):
+        checkpoint()
         n = run_tok.shape[1]
         beam_lp, per_doc = scorer(logprobs, groups, n)  # (G,n,V), (G,n,r,V)
         vocab = beam_lp.shape[-1]
@@ -291,6 +294,7 @@ def rag_token_decode(generator: Generator, batch: GeneratorBatch, log_prior: Ten
     opts.check()
     log_prior = log_prior.float()
     bsz = log_prior.shape[0]
+    checkpoint()
     state, logprobs = start_answers(generator, batch)
     hyps = search(generator, state, logprobs, TokenMarginal(log_prior), bsz, opts, on_token)
     out = []
@@ -322,6 +326,7 @@ def teacher_forced_logprobs(generator: Generator, state: DecodeState, first: Ten
     chunk = max(1, RESCORE_ELEMENTS // ((tokens.shape[1] - 1) * first.shape[-1]))
     rest = []
     for start in range(0, len(rows), chunk):
+        checkpoint()
         sl = slice(start, start + chunk)
         sub = generator.select(state, rows[sl])
         _, lp = generator.step(sub, tokens[sl, :-1])  # (r,T-1,V)
@@ -358,6 +363,7 @@ def rag_sequence_decode(generator: Generator, batch: GeneratorBatch, log_prior: 
     opts.check()
     log_prior = log_prior.float()
     bsz, k = log_prior.shape
+    checkpoint()
     state0, first = start_answers(generator, batch)  # N = B·k rows
     search_state = generator.fork(state0) if method == "thorough" else state0
     hyps = search(generator, search_state, first, PerDocument(), bsz * k, opts)

@@ -119,6 +119,16 @@ class DenseEncoder(nn.Module):
                                             return_tensors="pt")
         self._fingerprint: str | None = None
 
+    def requires_grad_(self, requires_grad: bool = True) -> DenseEncoder:
+        """As nn.Module's, but a pooler this tower's pooling never reads stays frozen: it would get no
+        gradient, which DDP refuses (LoRA leaves it out likewise)."""
+        super().requires_grad_(requires_grad)
+        if requires_grad and self.pooling != "pooler":
+            for name, p in self.model.named_parameters():
+                if "pooler" in name:
+                    p.requires_grad_(False)
+        return self
+
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, pooling: str | None = None, normalize: bool | None = None, max_length: int = 256

@@ -140,10 +140,7 @@ class Retriever(nn.Module):
         if (ids < 0).any():
             raise LatentRagError(f"the index returned fewer than k={k} passages; lower k or widen the search")
         vectors = np.require(vectors, np.float32, ["C", "W"])  # a writable copy only when needed
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        doc_vectors = torch.from_numpy(vectors).to(q.device, dtype)  # (B,k,d), constants
-        # in fp32 even under bf16 autocast (einsum would run in bf16): s·dᵀq feeds a softmax whose logits
-        # differ by a few hundredths times s, below bf16's resolution at s ≈ 20
-        with torch.autocast(q.device.type, enabled=False):
-            scores = self.log_scale.exp() * torch.einsum("bd,bkd->bk", q.to(dtype), doc_vectors)
+        doc_vectors = torch.from_numpy(vectors).to(q.device, torch.float32)  # (B,k,d), constants
+        with torch.autocast(q.device.type, enabled=False):  # in fp32 even under bf16 autocast: the softmax
+            scores = self.log_scale.float().exp() * torch.einsum("bd,bkd->bk", q.float(), doc_vectors)  # needs it
         return RetrievedBatch(questions, ids, index.passages(ids), doc_vectors, scores)

@@ -25,7 +25,7 @@ def default_indexes_root() -> Path:
 def load_service(model_dir: str | Path | None = None, index: str | None = None,
                  indexes_root: str | Path | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
                  model=None, *, ray: bool = False, address: str | None = None,
-                 document_encoder: str | None = None):
+                 document_encoder: str | None = None, limits=None):
     """A `RagService` over the model and the index `index` (a folder name under `indexes_root`).
 
     Without a root, the cache's indexes folder (the bundled index is built there if missing); without an
@@ -59,5 +59,5 @@ def load_service(model_dir: str | Path | None = None, index: str | None = None,
         from latentrag.loading import load_bare_model
 
         model = load_bare_model(model_dir, document_encoder=document_encoder)  # the service opens and checks the index by name
-    return RagService(model, root, index, max_batch=max_batch, max_wait_ms=max_wait_ms,
+    return RagService(model, root, index, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits,
                       open_index=partial(open_index, progress=False, ray=ray, address=address))

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -22,6 +29,30 @@ class Metrics:
         self.batch_size = Histogram("latentrag_batch_size", "requests per micro-batch", ["kind"],
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.swaps = Counter("latentrag_index_swaps", "index hot swaps", registry=self.registry)
+        self.queue_depth = Gauge("latentrag_queue_depth", "requests waiting for the worker", registry=self.registry)
+        self.in_flight = Gauge("latentrag_in_flight", "requests in the batch running now", registry=self.registry)
+        self.pending_cost = Gauge("latentrag_pending_cost", "summed cost of the requests waiting and running",
+                                  registry=self.registry)
+        self.rejections = Counter("latentrag_rejected", "requests refused by admission control",
+                                  ["reason"], registry=self.registry)
+        self.cancellations = Counter("latentrag_cancelled", "admitted requests dropped before their answer",
+                                     ["reason"], registry=self.registry)
+        for reason in ("cost", "queue_full", "saturated", "shutting_down"):
+            self.rejections.labels(reason)
+        for reason in ("client_left", "deadline", "shutdown"):
+            self.cancellations.labels(reason)
+
+    def watch(self, batcher) -> None:
+        """Read queue depth, requests in flight and pending cost from the batcher at every scrape."""
+        self.queue_depth.set_function(lambda: batcher.depth)
+        self.in_flight.set_function(lambda: batcher.in_flight)
+        self.pending_cost.set_function(lambda: batcher.pending_cost)
+
+    def rejected(self, reason: str) -> None:
+        self.rejections.labels(reason).inc()
+
+    def cancelled(self, reason: str) -> None:
+        self.cancellations.labels(reason).inc()
 
     def request(self, endpoint: str, code: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(code)).inc()

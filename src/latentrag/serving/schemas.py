@@ -1,21 +1,33 @@
 """Request and response bodies of the HTTP API (pydantic): the bounds here are the server's input contract.
 
 Strict types: a number where text is expected, "5" where a number is, or an unknown field is a 422, not a
-guess. Questions are stripped, then must hold 1–2,000 characters.
+guess. Questions are stripped, then must hold 1–2,000 characters, at least one of them visible (a question
+of only zero-width or other format characters is refused).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_QUESTION = 2000
 MAX_K = 50
 MAX_BEAMS = 16
 MAX_NEW_TOKENS = 256
 
-Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION)]
+INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"}  # controls, format (zero-width), unassigned, spaces
+
+
+def _visible(question: str) -> str:
+    if not any(unicodedata.category(ch) not in INVISIBLE for ch in question):
+        raise ValueError("the question has no visible character (only spaces, zero-width or control characters)")
+    return question
+
+
+Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION),
+                     AfterValidator(_visible)]
 
 
 class _Strict(BaseModel):

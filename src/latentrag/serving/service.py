@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentrag.errors import LatentRagError
+from latentrag.generation.interrupt import interruptible
 from latentrag.model import Answer, RagModel
 from latentrag.rag_types import rag_type
 from latentrag.retrieval.index import MANIFEST
 from latentrag.retrieval.retriever import RetrievedBatch
 from latentrag.retrieval.searcher import Searcher
+from latentrag.serving.admission import RETRIEVE_COST, Limits, Rate, request_cost
 from latentrag.serving.batcher import Job, MicroBatcher
 from latentrag.serving.metrics import Metrics
 from latentrag.serving.schemas import AskRequest, RetrieveRequest
@@ -40,13 +42,21 @@ INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 class ServiceError(LatentRagError):
     """A request the service refuses, with the HTTP status that says why (4xx)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
 class Abandoned(Exception):
-    """Every client of a batch went away: stop decoding for them."""
+    """Every client of a batch went away (or the server is stopping): stop decoding for them."""
+
+
+class ClientLeft(Exception):
+    """The client of a request disconnected before its answer: nothing is sent."""
+
+
+STOP_WAIT_S = 5.0  # after the grace period, how long `stop` waits for the running batch to notice it must stop
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,9 @@ class Settings:
     k: int
     num_beams: int | None
     max_new_tokens: int
+
+    def cost(self, prompt_tokens: int) -> int:
+        return request_cost(self.decoding, self.k, self.num_beams, self.max_new_tokens, prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -83,13 +96,31 @@ def _passages(answer_passages, probs) -> list[dict]:
             for p, prob in zip(answer_passages, probs, strict=True)]
 
 
+class TextStream:
+    """Token ids decoded as they come, releasing only whole characters: a character that spans several
+    byte-level tokens appears once all of them have arrived (decoding each token alone would show U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        """The text this token completes ("" while a character is still incomplete)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.sent = text[self.sent :], len(text)
+        return new
+
+
 class RagService:
     def __init__(self, model: RagModel, indexes_root: str | Path, index_name: str, max_batch: int = 8,
                  max_wait_ms: float = 5.0, admin_token: str | None = None,
-                 open_index: Callable[[Path], Searcher] | None = None):
+                 open_index: Callable[[Path], Searcher] | None = None, limits: Limits | None = None):
         """open_index: the searcher over an index folder (default `loading.open_index`: a `DenseIndex`, refusing
         a sharded folder; pass `functools.partial(open_index, ray=True)` to serve sharded ones with Ray)."""
         self.model = model
+        self.limits = limits or Limits()
         if open_index is None:
             from latentrag.loading import open_index
         self.open_index = open_index
@@ -101,17 +132,98 @@ class RagService:
         self.active = self.load_index(index_name)
         model.swap_index(self.active.index)
         self.batcher = MicroBatcher(self._run, max_batch, max_wait_ms)
+        self.rate = Rate()
+        self.batcher.on_batch = self.rate.observe
         self.metrics = Metrics()
+        self.metrics.watch(self.batcher)
         self.ready = False
+        self.stopping = False
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
+        self.stopping = False
         self.batcher.start()
         self.ready = True
 
-    async def stop(self) -> None:
-        self.ready = False
-        await self.batcher.stop()
+    async def stop(self, wait_s: float = STOP_WAIT_S) -> bool:
+        """Refuse new requests, fail the waiting ones (503), stop the running batch at its next decoding step
+        and wait at most `wait_s` for it; whether the worker is idle (False: a step is still running)."""
+        self.ready, self.stopping = False, True
+        stopped = ServiceError("the server is shutting down: retry on another instance or later", 503, 1)
+        for job in [*self.batcher.waiting, *self.batcher.running]:
+            if not job.gone and not job.future.done():
+                job.future.set_exception(stopped)
+                job.future.exception()  # retrieved: no "never retrieved" warning if nobody awaits it
+                self.metrics.cancelled("shutdown")
+            job.abandoned = True
+        return await self.batcher.stop(wait_s)
+
+    # ---- admission (docs/serving.md#limits) -----------------------------------------------------------
+    def saturation(self) -> str | None:
+        """Why the next small request would be refused (queue full, cost budget spent, stopping), else None."""
+        if self.stopping:
+            return "shutting down"
+        if self.batcher.depth >= self.limits.max_queue:
+            return f"{self.batcher.depth} requests are waiting (--max-queue {self.limits.max_queue})"
+        pending = self.batcher.pending_cost
+        if pending + RETRIEVE_COST > self.limits.max_pending_cost:
+            return f"the work held costs {pending} (--max-pending-cost {self.limits.max_pending_cost})"
+        return None
+
+    def admit(self, cost: int) -> None:
+        """Refuse a request the limits do not allow now: 429 (queue full) or 503 (cost budget spent,
+        shutting down), both with Retry-After."""
+        limits, batcher = self.limits, self.batcher
+        if self.stopping:
+            self.metrics.rejected("shutting_down")
+            raise ServiceError("the server is shutting down: retry on another instance or later", 503, 1)
+        if batcher.depth >= limits.max_queue:
+            self.metrics.rejected("queue_full")
+            raise ServiceError(f"too many requests: {batcher.depth} are waiting (the server queues at most "
+                               f"{limits.max_queue}); retry later", 429, self.rate.seconds(batcher.pending_cost))
+        pending = batcher.pending_cost
+        if pending + cost > limits.max_pending_cost:
+            self.metrics.rejected("saturated")
+            raise ServiceError(f"the server is saturated: the requests it holds cost {pending} and this one "
+                               f"{cost}, over its budget of {limits.max_pending_cost}; retry later",
+                               503, self.rate.seconds(pending + cost - limits.max_pending_cost))
+
+    def check_cost(self, settings: Settings) -> int:
+        cost = settings.cost(self.limits.prompt_tokens)
+        if cost > self.limits.max_cost:
+            self.metrics.rejected("cost")
+            beams = "" if settings.decoding == "greedy" else f", num_beams {settings.num_beams or 'default'}"
+            raise ServiceError(
+                f"this request costs {cost} (k {settings.k}{beams}, max_new_tokens {settings.max_new_tokens}, "
+                f"decoding {settings.decoding}), over the server's bound of {self.limits.max_cost} per request "
+                "(--max-cost; docs/serving.md#limits): lower k, num_beams or max_new_tokens, or decode 'fast' "
+                "instead of 'thorough'", 422)
+        return cost
+
+    async def result(self, job: Job, left: asyncio.Future | None = None) -> dict:
+        """The answer of an admitted request, or: ClientLeft when `left` (the client's disconnect) comes
+        first, ServiceError 503 when the request's deadline (--request-timeout) passes. Either way the
+        request is dropped: it never runs if it still waits, and its decoding stops once its batch has
+        nobody else to answer."""
+        remaining = job.enqueued + self.limits.timeout_s - time.perf_counter()
+        watched = {job.future} | ({left} if left is not None else set())
+        try:
+            done, _ = await asyncio.wait(watched, timeout=max(remaining, 0.0), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server stopped waiting for this request (shutdown)
+            if not job.future.done():
+                job.abandoned = True
+                self.metrics.cancelled("shutdown")
+            raise
+        if job.future in done:
+            return job.future.result()
+        job.abandoned = True
+        if done:
+            self.metrics.cancelled("client_left")
+            raise ClientLeft
+        self.metrics.cancelled("deadline")
+        raise ServiceError(f"no answer within the server's deadline of {self.limits.timeout_s:g} s "
+                           "(--request-timeout): the request was dropped; retry later or ask for less "
+                           "(smaller k, num_beams or max_new_tokens)", 503, self.rate.seconds(self.batcher.pending_cost))
 
     # ---- settings -----------------------------------------------------------------------------------
     def settings(self, request: AskRequest) -> Settings:
@@ -131,7 +243,10 @@ class RagService:
             raise ServiceError(str(e), 422) from e
         if request.stream and (mode, decoding) != ("token", "greedy"):
             raise ServiceError(f"streaming needs mode 'token' with decoding 'greedy', not {mode}/{decoding}", 422)
-        return Settings(mode, decoding, self._k(request.k), request.num_beams, max_new_tokens)
+        num_beams = request.num_beams
+        if num_beams is None and decoding != "greedy":
+            num_beams = config.num_beams  # what `model.generate` would use: the cost counts it
+        return Settings(mode, decoding, self._k(request.k), num_beams, max_new_tokens)
 
     def _k(self, k: int | None) -> int:
         k = self.model.config.k if k is None else k
@@ -165,6 +280,14 @@ class RagService:
         return answers, active, {"retrieve_ms": _ms(retrieve_s), "generate_ms": _ms(time.perf_counter() - start)}
 
     def _run(self, key, jobs: list[Job]) -> list[dict]:
+        def check() -> None:  # at every decoding step: stop when nobody is left to answer
+            if self.stopping or all(job.gone for job in jobs):
+                raise Abandoned
+
+        with interruptible(check):
+            return self._run_batch(key, jobs)
+
+    def _run_batch(self, key, jobs: list[Job]) -> list[dict]:
         kind, value = key
         self.metrics.batch(kind, len(jobs))
         questions = [job.payload for job in jobs]
@@ -182,16 +305,17 @@ class RagService:
                 for answer, job in zip(answers, jobs, strict=True)]
 
     def _streamer(self, jobs: list[Job]):
-        decode = self.model.generator.tokenizer.decode
+        tokenizer = self.model.generator.tokenizer
+        texts = [TextStream(tokenizer) for _ in jobs]
 
         def on_token(step, token_ids, posterior) -> None:
-            if all(job.gone for job in jobs):
+            if self.stopping or all(job.gone for job in jobs):
                 raise Abandoned
             ids, post = token_ids.tolist(), posterior.tolist()
             for b, job in enumerate(jobs):
                 if job.events is not None and ids[b] >= 0:
-                    job.emit("token", {"step": step, "token_id": ids[b], "token": decode([ids[b]]),
-                                       "posterior": post[b]})
+                    job.emit("token", {"step": step, "token_id": ids[b], "token": tokenizer.decode([ids[b]]),
+                                       "text": texts[b].push(ids[b]), "posterior": post[b]})
 
         return on_token
 
@@ -209,17 +333,25 @@ class RagService:
         return {"queue_ms": _ms(job.started - job.enqueued), "batch_size": size, **measured}
 
     # ---- async entry points (what the routes call) -----------------------------------------------------
-    async def ask(self, request: AskRequest) -> dict:
-        job = self.batcher.submit(("ask", self.settings(request)), request.question)
-        return await job.future
+    def submit_ask(self, request: AskRequest) -> Job:
+        """Admit and queue a request (streamed or not): 4xx when the limits refuse it. A streamed one sends
+        `job.events` (token dicts), then `job.future` holds the answer."""
+        settings = self.settings(request)
+        cost = self.check_cost(settings)
+        self.admit(cost)
+        return self.batcher.submit(("ask", settings), request.question, stream=request.stream, cost=cost)
+
+    async def ask(self, request: AskRequest, left: asyncio.Future | None = None) -> dict:
+        return await self.result(self.submit_ask(request), left)
 
     def ask_stream(self, request: AskRequest) -> Job:
         """Queue a streamed request: read `job.events` (token dicts), then `job.future` (the answer)."""
-        return self.batcher.submit(("ask", self.settings(request)), request.question, stream=True)
+        return self.submit_ask(request.model_copy(update={"stream": True}))
 
-    async def retrieve(self, request: RetrieveRequest) -> dict:
-        job = self.batcher.submit(("retrieve", self._k(request.k)), request.question)
-        return await job.future
+    async def retrieve(self, request: RetrieveRequest, left: asyncio.Future | None = None) -> dict:
+        k = self._k(request.k)
+        self.admit(RETRIEVE_COST)
+        return await self.result(self.batcher.submit(("retrieve", k), request.question, cost=RETRIEVE_COST), left)
 
     # ---- indexes ---------------------------------------------------------------------------------------
     def index_dir(self, name: str) -> Path:

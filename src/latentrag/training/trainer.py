@@ -211,6 +211,9 @@ def _answerable(pairs: list[TrainPair], index) -> list[TrainPair]:
 
 def load_data(s: TrainSettings, index) -> tuple[list[TrainPair], list[TrainPair], dict]:
     """Training and validation pairs (answerable filter first, then the split) and what was kept."""
+    if s.val and {Path(part).expanduser().resolve() for part in s.train.split(",")} & {Path(s.val).expanduser().resolve()}:
+        raise LatentRagError(f"--train and --val name the same file ({s.val}): validate on held-out questions "
+                             "(another file, or no --val to hold out --val-fraction of the training data)")
     pairs = load_pairs(s.train)
     info = {"train_questions_total": len(pairs)}
     val = load_pairs(s.val) if s.val else None
@@ -220,11 +223,16 @@ def load_data(s: TrainSettings, index) -> tuple[list[TrainPair], list[TrainPair]
         info["train_questions_answerable"] = len(pairs)
         if not pairs:
             raise LatentRagError(f"no question of {s.train} has its answer in a passage of the index")
+        if val is not None and not val:
+            raise LatentRagError(f"no question of --val {s.val} has its answer in a passage of the index: give "
+                                 "another --val, or no --val (a held-out fraction of the training data)")
     if val is None:
         pairs, val = split_validation(pairs, s.val_fraction, s.seed)
     else:
         val_questions = {p.question for p in val}
         pairs = [p for p in pairs if p.question not in val_questions]  # never validate on a training question
+        if not pairs:
+            raise LatentRagError(f"every training question is also in --val {s.val}: validate on held-out questions")
     info.update({"train_questions": len(pairs), "validation_questions": len(val),
                  "validation_questions_used": min(len(val), s.val_questions)})
     return pairs, val[: s.val_questions], info
@@ -250,6 +258,19 @@ def build_model(s: TrainSettings, index, device: torch.device):
                         query_encoder=None if s.freeze_query_encoder or s.closed_book else query_rank,
                         retrieval_scale=s.learn_retrieval_scale and not s.closed_book)
     return model.to(device)
+
+
+def _check_world(out: Path, world: int, resume: bool) -> None:
+    """A resumed run keeps its number of processes: another would silently change the global batch."""
+    run_file = out / RUN
+    if not resume or not run_file.is_file():
+        return
+    previous = json.loads(run_file.read_text()).get("world_size", 1)
+    if previous != world:
+        raise LatentRagError(f"{out} was trained with {previous} process(es) and is resumed with {world}: that "
+                             "would change the global batch; resume with "
+                             + ("`torchrun --nproc-per-node " + str(previous) + "`" if previous > 1 else "one process")
+                             + ", or start a new --out")
 
 
 def _optimizer(model: nn.Module, s: TrainSettings, total_steps: int):
@@ -304,6 +325,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
     record = {k: v for k, v in asdict(s).items() if k != "out"}
     _check_out(out, record, resume)
     rank, world = _distributed()
+    _check_world(out, world, resume)
     main = rank == 0
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
@@ -330,7 +352,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
     log_path = out / LOG
     saved = ckpt.checkpoints(out)
     if resume and saved:
-        state = ckpt.load_checkpoint(saved[-1], model, optimizer, scheduler)
+        _, state = ckpt.load_newest(out, lambda path: ckpt.load_checkpoint(path, model, optimizer, scheduler), saved)
         step, position, elapsed = state["step"], state["position"], state.get("elapsed", 0.0)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +364,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+        # (every trainable parameter gets a gradient: LoRA and `DenseEncoder.requires_grad_` leave unused poolers frozen)
     stream = ExampleStream(train_pairs, s.seed, position)
     selector = _selector(s, model, train_pairs, main and progress)
     trainable_count = sum(p.numel() for p in trainable)
@@ -455,7 +478,10 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     s = settings_from({**json.loads((run_dir / RUN).read_text()), "out": str(run_dir)})
     index = None if s.closed_book and s.index is None else _resolve_index(s.index)
     model = build_model(s, index, torch.device("cpu"))
-    ckpt.load_trainable(chosen[-1], model)
+    if step is None:  # the newest intact checkpoint (a damaged newer one is skipped, with a warning)
+        ckpt.load_newest(run_dir, lambda path: ckpt.load_trainable(path, model), chosen)
+    else:
+        ckpt.load_trainable(chosen[-1], model)
     model.save_pretrained(out)
     return Path(out)
 

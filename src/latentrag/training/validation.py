@@ -62,6 +62,8 @@ def validate(model, pairs: Sequence[TrainPair], mode: str, k: int, batch_size: i
         for module, training in modes:
             module.training = training
     n = len(pairs)
+    if n == 0:  # nothing to validate on (e.g. no held-out question is answerable): no averages
+        return {"n": 0}
     out = {"n": n, "exact_match": 100 * sum(correct) / n, "loss": sum(losses) / n}
     if top1:
         counts = Counter(top1)

@@ -36,6 +36,7 @@ from latentrag.retrieval.index.build import (
     _prepare_build,
     _save_npy,
     _stream_passages,
+    _work_dir,
     encode_passages,
 )
 from latentrag.retrieval.index.dense_index import DenseIndex
@@ -120,7 +121,8 @@ def replace_passages(
     old = {pid: source.store[row_of[pid]] for pid in raw}
     new = {pid: v if isinstance(v, Passage) else Passage(pid, old[pid].title, v) for pid, v in raw.items()}
     key = edit_key(manifest, identity, new)
-    kind, exact, directory, work = _prepare_build(out, manifest.index_type, manifest.exact_vectors)
+    kind, exact, directory, _ = _prepare_build(out, manifest.index_type, manifest.exact_vectors)
+    work = _work_dir(directory, "edit")  # its own: never the resumable work of a `build_index` of the same folder
     if reuse and _reusable(directory, key):
         return DenseIndex.load(directory)
 

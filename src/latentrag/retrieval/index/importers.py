@@ -219,15 +219,42 @@ class _Import:
         self.work = _work_dir(self.directory, "import")
         self.settings = {**settings, "index_type": index_type, "exact_vectors": self.exact, "format": FORMAT}
         state = _load_state(self.work) if resume else None
-        if state is not None and state.get("settings") != self.settings:
+        if state is not None and not self._same_inputs(state.get("settings") or {}):
             raise LatentRagError(
                 f"cannot resume: the interrupted import in {self.work} used other inputs or settings; "
                 "import without --resume to start over"
             )
+        if state is not None:
+            state["settings"] = self.settings
         if state is None:
             shutil.rmtree(self.work, ignore_errors=True)
             _make_work_dir(self.work)
         self.state = state
+
+    def _same_inputs(self, previous: dict) -> bool:
+        """Whether an interrupted import can go on with these settings: the same inputs, except that the
+        encoder may be renamed (it is recorded only at the end) and a DPR shard not yet placed may have been
+        replaced (a late error in one shard is fixed by giving that shard again)."""
+        ignored = {"encoder", "shards"}
+        if {k: v for k, v in previous.items() if k not in ignored} != \
+                {k: v for k, v in self.settings.items() if k not in ignored}:
+            return False
+        old, new = previous.get("shards"), self.settings.get("shards")
+        if old is None or new is None:
+            return old == new
+        if [o["path"] for o in old] != [n["path"] for n in new]:
+            return False
+        return all(o == n for i, (o, n) in enumerate(zip(old, new, strict=True))
+                   if (self.work / f"shard-{i:05d}.rows.npy").exists())
+
+    def check_dim(self, dim: int, encoder_identity: dict, where: str) -> None:
+        """Refuse vectors whose dimension is not the named document encoder's, as soon as it is known."""
+        if encoder_identity.get("dim") not in (None, dim):
+            raise LatentRagError(
+                f"{where}: vectors of dimension {dim}, but document encoder '{encoder_identity.get('name')}' "
+                f"produces {encoder_identity.get('dim')}: name the encoder that made these vectors (the work "
+                "so far is kept: run again with the right encoder and --resume)"
+            )
 
     def save_state(self, **values) -> None:
         self.state = {"settings": self.settings, "build_id": uuid.uuid4().hex, **values}
@@ -237,11 +264,7 @@ class _Import:
                encoder_source: str | None, progress: bool) -> DenseIndex:
         from latentrag import __version__
 
-        if encoder_identity.get("dim") not in (None, dim):
-            raise LatentRagError(
-                f"the vectors have dimension {dim} but document encoder '{encoder_identity.get('name')}' "
-                f"produces {encoder_identity.get('dim')}: name the encoder that made these vectors"
-            )
+        self.check_dim(dim, encoder_identity, "the import")
         params = default_params(self.index_type, count, dim)
         manifest = Manifest(
             encoder={**encoder_identity, "dim": dim}, dim=dim, count=count, index_type=self.index_type,
@@ -255,12 +278,19 @@ class _Import:
 
 
 def _run(job: _Import, body) -> DenseIndex:
-    """Bad input removes the work folder (nothing half-written stays); a crash or kill keeps it for resume."""
+    """Bad input found before any resumable work removes the work folder (nothing half-written stays); once
+    the passages are written (the state saved), an error keeps the work for `--resume`, as a crash or kill
+    does, and says so."""
     try:
         return body()
-    except LatentRagError:
-        shutil.rmtree(job.work, ignore_errors=True)
-        raise
+    except LatentRagError as e:
+        if job.state is None:
+            shutil.rmtree(job.work, ignore_errors=True)
+            raise
+        if "--resume" in str(e):
+            raise
+        raise LatentRagError(f"{e} (the work so far is kept in {job.work}: fix the cause and run the same import "
+                             "again with --resume, or delete that folder)") from e
 
 
 def _chunk_memmap(work: Path, c: int, rows: int, dim: int) -> np.memmap:
@@ -330,6 +360,7 @@ def import_dpr_embeddings(
                 ids = [i[len(id_prefix):] if i.startswith(id_prefix) else i for i in ids]
             if dim is None:
                 dim = vectors.shape[1]
+                job.check_dim(dim, encoder_identity, str(path))
                 job.state["dim"] = dim
                 atomic_write_text(work / "state.json", json.dumps(job.state, indent=2))
             elif vectors.shape[1] != dim:
@@ -523,6 +554,7 @@ def import_hf_dataset(
                 vectors = _embeddings(batch.column("embeddings"), path)
                 if dim is None:
                     dim = vectors.shape[1]
+                    job.check_dim(dim, encoder_identity, str(path))
                 elif vectors.shape[1] != dim:
                     raise LatentRagError(f"{path}: embeddings of dimension {vectors.shape[1]}, earlier rows {dim}")
                 buffer.append(vectors)
@@ -560,8 +592,28 @@ def document_encoder_identity(name: str, dim: int | None = None, *, load: bool =
             return DenseEncoder.from_pretrained(name).identity()
         except (LatentRagError, OSError, ValueError):
             pass
+    dim = dim or declared_dim(name)
     return {"name": name, "sha256": f"unverified-name:{name}", "dim": dim, "pooling": "pooler", "normalize": False,
             "verified": False}
+
+
+def declared_dim(name: str) -> int | None:
+    """The vector dimension a named encoder declares in its config (a folder, or a bundled name such as
+    'minilm'), read without loading its weights; None when it is not at hand."""
+    from latentrag.assets import resolve_encoder
+    from latentrag.retrieval.encoders import read_sentence_transformers
+
+    try:
+        path = Path(resolve_encoder(name)).expanduser()
+        if not path.is_dir():
+            return None
+        model_dir = Path(read_sentence_transformers(path)[0])
+        config = json.loads((model_dir / "config.json").read_text())
+    except (LatentRagError, OSError, ValueError, TypeError):
+        return None
+    projection = config.get("projection_dim") or 0
+    dim = projection if projection > 0 else config.get("hidden_size")
+    return int(dim) if isinstance(dim, int) else None
 
 
 def import_index(

@@ -157,7 +157,7 @@ async function readStream(response) {
       const payload = JSON.parse(data);
       if (name === "passages") renderPassages(payload.passages, null, "mean p(z|x,y≤i)");
       else if (name === "token") {
-        addToken(payload.token, payload.posterior);
+        addToken(payload.text ?? payload.token, payload.posterior);  // whole characters (a byte-level token may hold half of one)
         renderPassages(passages, meanPosterior(tokenRows, passages.length), "mean p(z|x,y≤i)");
       } else if (name === "answer") showAnswer(payload);
       else if (name === "error") throw new Error(payload.error);
