@@ -2,6 +2,7 @@
 a dead shard actor is restarted and the query retried, and errors name the shard."""
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -183,6 +184,9 @@ def test_a_failed_size_check_releases_the_actors(ray_cluster, corpus, tmp_path, 
     with pytest.raises(LatentRagError, match=r"shard 1 .* holds 150 passages, the manifest says 200"):
         ShardedIndex(tmp_path / "copy", num_cpus=0.25, max_restarts=0)
     assert len(closed) == 1 and len(closed[0]) == 3  # every actor started was killed
-    for actor in closed[0]:
+    for actor in closed[0]:  # ray.kill is asynchronous: a call may still be served until the kill lands
+        deadline = time.monotonic() + 30
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.size.remote(), timeout=30)
+            while time.monotonic() < deadline:
+                ray.get(actor.size.remote(), timeout=30)
+                time.sleep(0.2)
