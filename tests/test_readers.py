@@ -361,3 +361,102 @@ def test_beam_search_over_one_question_and_one_context(mode, rag_model):
     if mode == "concat":
         ids = _concat_ids(gen, retrieved.questions[0], retrieved.passages[0])
         assert answer.text == _hf_generate(gen, 2, input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+# ---- training and serving ----------------------------------------------------------------------------------
+
+
+def test_the_cli_offers_every_mode():
+    from latentrag import cli
+    from latentrag.serving.schemas import AskRequest
+
+    assert tuple(sorted(MODES, key=cli.MODES.index)) == cli.MODES and set(cli.MODES) == set(MODES)
+    assert set(AskRequest.model_fields["mode"].annotation.__args__[0].__args__) == set(MODES)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from tiny_models import tiny_bart, tiny_llama
+
+    root = tmp_path_factory.mktemp("parts")
+    tiny_dense_encoder("dpr-question", seed=0).save_pretrained(root / "q")
+    context = tiny_dense_encoder("dpr-context", seed=1)
+    context.save_pretrained(root / "ctx")
+    for name, (model, tok) in (("bart", tiny_bart(seed=2)), ("llama", tiny_llama(seed=3, chat_template=True))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    build_index(tiny_passages(), context, root / "index", progress=False)
+    with open(root / "train.jsonl", "w") as f:
+        for i in range(20):
+            j = i % 3
+            f.write(json.dumps({"id": f"q{i}", "question": QUESTIONS[j] + " " * (i // 3), "answers": [ANSWERS[j]]})
+                    + "\n")
+    return root
+
+
+def _train_settings(parts, out, **kw):
+    from latentrag.training import TrainSettings
+
+    values = dict(train=str(parts / "train.jsonl"), out=str(out), k=3, steps=2, batch_size=2, eval_every=2,
+                  save_every=2, val_fraction=0.1, val_questions=2, max_new_tokens=3, index=str(parts / "index"),
+                  query_encoder=str(parts / "q"), document_encoder=str(parts / "ctx"), generator=str(parts / "bart"),
+                  lora_rank=4, lr=1e-2)
+    values.update(kw)
+    return TrainSettings(**values)
+
+
+@pytest.mark.parametrize("mode,generator", [("concat", "bart"), ("concat", "llama"), ("fid", "bart")])
+def test_concat_and_fid_train_the_generator_with_the_query_tower_frozen(mode, generator, parts, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from latentrag.training import checkpoints as ckpt
+    from latentrag.training import train
+
+    model_dir = train(_train_settings(parts, tmp_path / "run", mode=mode, generator=str(parts / generator)),
+                      progress=False)
+    assert "the query tower gets no gradient and stays frozen" in capsys.readouterr().err
+    saved = load_file(tmp_path / "run" / "checkpoint-000002" / ckpt.TRAINABLE)
+    assert saved and all("generator" in name for name in saved)  # nothing of the retriever trained
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r for r in log if "val" in r][-1]["val"]["n"] == 2
+    loaded = RagModel.from_pretrained(model_dir, index=parts / "index")
+    assert loaded.config.mode == mode  # the saved config answers in its mode
+    answer = loaded.generate(QUESTIONS[0])[0]
+    assert answer.mode == mode and answer.posterior == []
+
+
+def test_training_refuses_fid_on_a_decoder_only_generator_and_a_scale_it_cannot_learn(parts, tmp_path):
+    from latentrag.training import train
+
+    with pytest.raises(LatentRagError, match="encoder-decoder"):
+        train(_train_settings(parts, tmp_path / "a", mode="fid", generator=str(parts / "llama")), progress=False)
+    with pytest.raises(LatentRagError, match="learn-retrieval-scale.*no gradient"):
+        train(_train_settings(parts, tmp_path / "b", mode="concat", learn_retrieval_scale=True), progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_serving_answers_in_the_new_modes_and_refuses_fid_without_an_encoder(index, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from latentrag.serving import create_app
+    from latentrag.serving.service import RagService
+
+    root = tmp_path / "indexes"
+    root.mkdir()
+    (root / "facts").symlink_to(index[0].directory)
+    for kind in ("seq2seq", "decoder-only"):
+        model = _model(index, kind)
+        with TestClient(create_app(RagService(model, root, "facts", admin_token=""))) as client:
+            for mode in ("concat", "fid"):
+                r = client.post("/v1/ask", json={"question": "Who wrote Hamlet?", "mode": mode, "decoding": "beam",
+                                                 "num_beams": 2, "k": 2})
+                if mode == "fid" and kind == "decoder-only":
+                    assert r.status_code == 422 and "encoder-decoder" in r.json()["error"], r.text
+                    continue
+                assert r.status_code == 200, r.text
+                body = r.json()
+                alone = model.generate("Who wrote Hamlet?", mode=mode, decoding="beam", num_beams=2, k=2)[0]
+                assert body["mode"] == mode and body["posterior"] == [] and body["answer"] == alone.text
+                assert [p["probability"] for p in body["passages"]] == pytest.approx(alone.doc_probs, abs=1e-5)
+            r = client.post("/v1/ask", json={"question": "Who wrote Hamlet?", "mode": "concat", "stream": True})
+            assert r.status_code == 422 and "streaming" in r.json()["error"]

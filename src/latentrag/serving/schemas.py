@@ -71,7 +71,8 @@ class AskResponse(BaseModel):
     log_prob: float = Field(..., description="log p(y|x)")
     tokens: list[str]
     passages: list[PassageOut]
-    posterior: list = Field(..., description="RAG-Token: p(z|x,y_≤i) per token (T×k); RAG-Sequence: p(z|x,y) (k)")
+    posterior: list = Field(..., description="RAG-Token: p(z|x,y_≤i) per token (T×k); RAG-Sequence: p(z|x,y) (k); "
+                                             "concat, fid: [] (all passages read at once, nothing to infer)")
     index: IndexRef
     timings: Timings
 
