@@ -9,7 +9,8 @@ retriever, questions, seed and k — what each costs, and (with `training_claims
 Costs, per kind and k (3 and 10), each measured in a fresh subprocess (so the peak memory is that cell's
 alone) and saved to benchmarks/results/readers.json as soon as it is done (a re-run skips finished cells;
 --force redoes them):
-  * one training step of 4 questions (LoRA r = 16 on the generator, and on the query tower for the RAG kinds,
+  * one training step of --batch-size questions (4; the default-model cells here ran 1, see the tables)
+    (LoRA r = 16 on the generator, and on the query tower for the RAG kinds,
     which is frozen for concat/fid as `latentrag train` does): seconds per step (median of --steps after
     one untimed step), the process's peak resident memory above the loaded model (ru_maxrss − RSS after
     loading), and the activations saved for backward (distinct tensor storages, a figure the machine's load
@@ -28,6 +29,7 @@ about accuracy. The machine's load average is recorded with every cell: timings 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -155,6 +157,8 @@ def cell(models: str, mode: str, k: int, what: str, steps: int, questions: int, 
     from latentrag.rag_types import rag_type
     from latentrag.training.trainer import _train_mode
 
+    with contextlib.suppress(OSError):  # out of memory on a shared machine, the kernel ends this cell first
+        Path("/proc/self/oom_score_adj").write_text("1000")
     torch.manual_seed(0)
     build = _default_model if models == "default" else _tiny_model
     model = build(mode, k, what == "train")
@@ -295,15 +299,24 @@ def section(threads: int = 1) -> list[str]:
     """The side-by-side section of training.md (costs from readers.json; EM rows are training_claims' own)."""
     data = _load()
     lines = ["## Kinds of reader side by side", "",
-             "The same retriever, questions, seed and k for every kind; EM rows above: `token`, `sequence` and "
-             "`concat` (concat trains the generator alone: no gradient reaches the query tower through the "
-             "concatenated input). How each kind reads its passages: [docs/decoding.md](../../docs/decoding.md).", ""]
-    for models, what in (("default", "SmolLM2-135M + MiniLM, LoRA r = 16, batch 4"),
+             "The same retriever, questions, seed and k for every kind. Accuracy: the `token`, `sequence` and "
+             "`concat` rows of the tables in training.md (60 steps each, same data, order, seed and k = 3; concat "
+             "trains the generator alone: no gradient reaches the query tower through the concatenated input, so "
+             "compare it with the frozen-query row too). How each kind reads its passages: "
+             "[docs/decoding.md](../../docs/decoding.md).", ""]
+    for models, what in (("default", "SmolLM2-135M-Instruct + MiniLM, LoRA r = 16, one thread, niced; the step's "
+                                     "batch in parentheses (1 here: RAG at k = 10 and 4 questions would need about 4× the peak shown)"),
                          ("tiny", "a tiny random BART (FiD needs seq2seq; none ships offline), LoRA r = 4, batch 4")):
         if not any(key.startswith(models + "/") for key in data["cells"]):
             continue
         lines += [f"Costs, {what}, CPU (`python benchmarks/readers.py {'costs' if models == 'default' else 'tiny'}`):", ""]
         lines += cost_table(data, models) + [""]
+        if models == "default":
+            lines += ["Read it as: at equal k, concatenation holds fewer tokens than RAG's k rows (one prompt, not k "
+                      "copies of it) and keeps ~25–50 % less for backward; its attention grows with the square of "
+                      "the joined length, RAG's with k. RAG-Sequence's answers cost most (a search under every "
+                      "passage, then re-scoring). Timings are one step or three answers on a shared CPU: the load "
+                      "average is beside each; the saved-for-backward column does not depend on it.", ""]
     for row in SWAP_ROWS:
         path = RESULTS / f"knowledge-swap-{row}.json"
         if path.is_file():
