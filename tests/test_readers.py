@@ -460,3 +460,11 @@ def test_serving_answers_in_the_new_modes_and_refuses_fid_without_an_encoder(ind
                 assert [p["probability"] for p in body["passages"]] == pytest.approx(alone.doc_probs, abs=1e-5)
             r = client.post("/v1/ask", json={"question": "Who wrote Hamlet?", "mode": "concat", "stream": True})
             assert r.status_code == 422 and "streaming" in r.json()["error"]
+
+
+def test_train_settings_refuse_an_unknown_mode(tmp_path):
+    from latentrag.training import TrainSettings
+
+    with pytest.raises(LatentRagError, match="unknown mode 'concatenate'"):
+        TrainSettings(train="x", out=str(tmp_path), mode="concatenate").check()
+    TrainSettings(train="x", out=str(tmp_path), mode="fid").check()

@@ -97,7 +97,8 @@ class TrainSettings:
     def check(self) -> None:
         from latentrag.rag_types import rag_type
 
-        if self.learn_retrieval_scale and not rag_type(self.mode).latent:
+        kind = rag_type(self.mode)  # an unknown mode is refused here
+        if self.learn_retrieval_scale and not kind.latent:
             raise LatentRagError(f"--learn-retrieval-scale: mode '{self.mode}' reads all k passages at once, so "
                                  "p(z|x) is not in its loss and the scale would get no gradient")
         positive = {"k": self.k, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
