@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", default="em", choices=["em", "contained"],
                         help="em: exact match (the paper); contained: answer containment, for sentence answers")
     parser.add_argument("--k", type=int, default=None, help="passages per question (default: the model's)")
-    parser.add_argument("--mode", default=None, choices=["token", "sequence"], help="default: the model's")
+    parser.add_argument("--mode", default=None, choices=["token", "sequence", "concat", "fid"],
+                        help="default: the model's (a saved concat/fid model answers in its mode)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

@@ -6,8 +6,9 @@
 
 Rows (each one a `latentrag train` run and `latentrag eval` runs, or an evaluation of a shipped model):
 zero-shot RAG (the bundled models untrained), the shipped default (`make train-default`), and the compared
-rows — fine-tuned RAG-Token, RAG-Sequence, closed-book, RAG-Token with the query tower frozen, RAG-Token
-with the retrieval scale fixed at 1 — which all train on the same answerable nq-dev + trivia-dev questions,
+rows — fine-tuned RAG-Token, RAG-Sequence, concatenation (all k passages in one prompt, no latent variable,
+query tower frozen), closed-book, RAG-Token with the query tower frozen, RAG-Token with the retrieval scale
+fixed at 1 — which all train on the same answerable nq-dev + trivia-dev questions,
 in the same order (seed 0), for the same steps, with the same batch, k and LoRA rank. Each is evaluated
 on the first N answerable questions of nq-test and trivia-test (the same questions for every row).
 
@@ -80,6 +81,9 @@ ROWS = [
     Row("token", f"fine-tuned RAG-Token ({STEPS} steps, scale learned from 20)", train=["--mode", "token", *LEARNED_SCALE]),
     Row("sequence", f"fine-tuned RAG-Sequence ({STEPS} steps, scale learned from 20; thorough decoding, 1 beam)",
         train=["--mode", "sequence", *LEARNED_SCALE], eval_options=["--decoding", "thorough", "--beams", "1"]),
+    Row("concat", f"fine-tuned concatenation ({STEPS} steps; the k passages in one prompt of ≤ 768 tokens, no latent "
+        "variable: the query tower gets no gradient and stays frozen)",
+        train=["--mode", "concat", "--max-input-length", "768"]),
     Row("closed-book", f"fine-tuned closed-book ({STEPS} steps: the same generator, data and steps, no retrieval)",
         train=["--closed-book"], eval_options=["--closed-book"]),
     Row("closed-book-300", "fine-tuned closed-book, 300 steps (the shipped default's data and schedule, no retrieval)",
@@ -162,6 +166,8 @@ def _scale(row: Row) -> str:
     path = ROOT / (row.model_path() or "src/latentrag/default_model") / "rag_config.json"
     if "--closed-book" in (row.train or []):
         return "– (no retrieval)"
+    if "concat" in (row.train or []):
+        return "– (not in the loss)"
     if row.model == "base" or not path.is_file():
         return "1 (untrained)" if row.model == "base" else "–"
     config = json.loads(path.read_text())
@@ -260,6 +266,12 @@ def report(rows: list[Row], threads: int) -> str:
                   f"the original answer, {100 * o['other']['rate']:.1f} % say something else (the paper: 70 % / 68 %; "
                   f"goal ≥ 70 %: **{'met' if o['follows']['rate'] >= 0.7 else 'not met'}**). Details: "
                   "[knowledge-swap.md](knowledge-swap.md)."]
+    try:  # the four kinds of reader side by side: costs, swap, which to choose (benchmarks/readers.py)
+        from readers import section
+    except ImportError:
+        section = None
+    if section is not None:
+        lines += [""] + section(threads)
     lines += ["", "## Commands", "", "Each row, as `python benchmarks/training_claims.py run` runs it "
               f"(here with --threads {threads}):", "", "```"]
     for r in rows:

@@ -13,6 +13,11 @@ from latentrag.assets import DEFAULT_CORPUS, DEFAULT_ENCODER
 from latentrag.defaults import PASSAGE_WORDS
 from latentrag.errors import LatentRagError, LatentRagWarning
 
+# latentrag.rag_types.MODES, spelled out so that parsing arguments imports no torch (a test keeps them equal)
+MODES = ("token", "sequence", "concat", "fid")
+MODE_HELP = ("token (RAG-Token), sequence (RAG-Sequence), concat (all k passages in one input) or fid "
+             "(Fusion-in-Decoder, seq2seq generators); default: the model's, token for the bundled models")
+
 SAMPLE_QUESTIONS = [
     "Who directed the film 2001: A Space Odyssey?",
     "What is the largest planet in the Solar System?",
@@ -135,15 +140,18 @@ def cmd_ask(args) -> int:
         return 0
     print(f"Q: {answer.question}\nA: {answer.text}\n")
     if answer.mode == "sequence":  # p(z|x,y): which passage the whole answer came from
-        evidence = answer.posterior
-        label = "p(z|x,y)"
-    else:  # RAG-Token: p(z|x,y_≤i) averaged over the answer's tokens
+        evidence, label = answer.posterior, "p(z|x,y)"
+    elif answer.mode == "token":  # RAG-Token: p(z|x,y_≤i) averaged over the answer's tokens
         rows = answer.posterior or [[0.0] * len(answer.passages)]
         evidence = [sum(col) / len(rows) for col in zip(*rows, strict=True)]
         label = "avg p(z|x,y_≤i)"
+    else:  # concat, fid: every passage read at once, no posterior over them
+        evidence, label = [None] * len(answer.passages), None
+        print("(all passages read at once: no posterior over them; p(z|x) is the retriever's ranking)\n")
     for rank, (p, prob, post) in enumerate(zip(answer.passages, answer.doc_probs, evidence, strict=True), start=1):
         snippet = p.text if len(p.text) <= 160 else p.text[:157] + "..."
-        print(f"  [{rank}] p(z|x)={prob:.3f}  {label}={post:.3f}  {p.title}: {snippet}")
+        shown = "" if label is None else f"  {label}={post:.3f}"
+        print(f"  [{rank}] p(z|x)={prob:.3f}{shown}  {p.title}: {snippet}")
     return 0
 
 
@@ -336,10 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question and show the passages it came from")
     ask.add_argument("question")
-    ask.add_argument("--mode", choices=["token", "sequence"], default=None,
-                     help="RAG-Token or RAG-Sequence (default: the model's, token for the bundled models)")
+    ask.add_argument("--mode", choices=MODES, default=None, help=MODE_HELP)
     ask.add_argument("--decoding", choices=["greedy", "beam", "thorough", "fast"], default=None,
-                     help="token: greedy (default) | beam; sequence: thorough (default) | fast")
+                     help="token, concat, fid: greedy (default) | beam; sequence: thorough (default) | fast")
     ask.add_argument("--beams", type=int, default=None,
                      help="beam size (default: 1 for greedy, else the model's num_beams, 4 for the bundled models)")
     ask.add_argument("--k", type=int, default=None,
@@ -388,10 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answerable-only", action="store_true",
                     help="keep questions with a gold answer in some passage of the index")
     ev.add_argument("--limit", type=int, default=None, help="first N questions (after the answerable filter)")
-    ev.add_argument("--mode", choices=["token", "sequence"], default=None,
-                    help="RAG-Token or RAG-Sequence (default: the model's, token for the bundled models)")
+    ev.add_argument("--mode", choices=MODES, default=None, help=MODE_HELP)
     ev.add_argument("--decoding", default=None,
-                    help="greedy|beam (token, default greedy), thorough|fast (sequence, default thorough)")
+                    help="greedy|beam (token, concat, fid; default greedy), thorough|fast (sequence, default thorough)")
     ev.add_argument("--beams", type=int, default=None,
                     help="beams (default: 1 for greedy, else the model's num_beams, 4 for the bundled models)")
     ev.add_argument("--k", type=int, nargs="+", default=None,
@@ -408,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="fine-tune the query tower and the generator end to end (paper §2.4)")
     tr.add_argument("--train", required=True, help="nq-dev,trivia-dev (comma-separated) or a .jsonl of questions")
     tr.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, learning_curve.png, model/")
-    tr.add_argument("--mode", choices=["token", "sequence"], default="token")
+    tr.add_argument("--mode", choices=MODES, default="token",
+                    help="token (RAG-Token, default), sequence (RAG-Sequence), concat or fid (all k passages read "
+                         "at once: no gradient reaches the query tower, which stays frozen)")
     tr.add_argument("--k", type=int, default=5, help="passages retrieved and marginalised over per question")
     length = tr.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimiser steps")

@@ -7,6 +7,11 @@ of N tokens. Shapes: B questions, k retrieved passages each, T target positions,
     (2) RAG-Sequence     p(y|x) ≈ Σ_z p_η(z|x) Π_i p_θ(y_i | x, z, y_<i)
     (3) RAG-Token        p(y|x) ≈ Π_i Σ_z p_η(z|x) p_θ(y_i | x, z, y_<i)
     (4) training loss    L = Σ_j −log p(y_j | x_j)                       (we report the batch mean)
+    (5) one reading      p(y|x) = Π_i p_θ(y_i | x, z_1..z_k, y_<i)        (concatenation, Fusion-in-Decoder)
+
+(5) is not the paper's: the k passages are read together (one prompt, or one decoder over k encodings),
+so there is no latent variable, no sum over z, and p_η(z|x) appears nowhere in the likelihood: only the
+top-k selection, which has no gradient, connects the answer to the retriever.
 
 Every product is a sum of logs and every sum of probabilities a `logsumexp`: nothing here multiplies
 probabilities, so 100-token answers under 50 passages do not underflow. Padding positions carry
@@ -116,6 +121,24 @@ def rag_token_loss(
         return -ll
     smooth = marginal.sum(-1).masked_fill(pad, 0.0).sum(-1)
     return smoothed_nll(ll, smooth, epsilon, marginal.shape[-1])
+
+
+def reader_log_likelihood(token_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Eq. (5): log p_θ(y | x, z_1..z_k) = Σ_i log p_θ(y_i | x, z_1..z_k, y_<i). token_logprobs (B,1,T) -> (B,)
+    (one reading per question: the k axis of the other kinds has length 1)."""
+    return sequence_log_likelihood(token_logprobs, mask)[:, 0]
+
+
+def reader_loss(vocab_logprobs: Tensor, targets: Tensor, mask: Tensor, epsilon: float = 0.0) -> Tensor:
+    """Eq. (5)'s −log p_θ(y | x, z_1..z_k) per example (B,), with ordinary label smoothing ε: the generator's
+    own loss on the one input that holds all k passages. vocab_logprobs (B,1,T,V), targets/mask (B,T)."""
+    if vocab_logprobs.shape[1] != 1:
+        raise ValueError(f"one reading per question expected (B,1,T,V), got {tuple(vocab_logprobs.shape)}")
+    logprobs = vocab_logprobs[:, 0].masked_fill(padding(mask).unsqueeze(-1), 0.0)  # (B,T,V)
+    ll = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
+    if epsilon == 0.0:
+        return -ll
+    return smoothed_nll(ll, logprobs.sum((-1, -2)), epsilon, logprobs.shape[-1])
 
 
 def sequence_posterior(log_prior: Tensor, seq_log_likelihood: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
     model = RagModel.from_components(query_encoder="minilm", generator="smollm2", index="~/.cache/...")
     model.loss(questions, answers, mode="token")            # −mean log p(y|x), eq. (3)/(4)
+    model.loss(questions, answers, mode="concat")           # or: all k passages in one input, no latent variable
     model.generate(questions, mode="token")                  # answers with their evidence
     model.swap_index(new_index_dir)                          # new knowledge, no retraining
 
@@ -39,7 +40,7 @@ class RagConfig:
     query_encoder: str = DEFAULT_ENCODER
     document_encoder: str = DEFAULT_ENCODER  # the frozen tower that builds indexes this model can use
     generator: str = DEFAULT_GENERATOR
-    mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence)
+    mode: str = "token"  # "token" (RAG-Token), "sequence" (RAG-Sequence), "concat" or "fid" (`rag_types`)
     k: int = DEFAULT_K
     label_smoothing: float = 0.0
     max_new_tokens: int = MAX_NEW_TOKENS
@@ -62,9 +63,13 @@ def check_overrides(overrides: dict) -> None:
 class Answer:
     """An answer that shows its evidence: the passages with p(z|x), and the posterior given the answer.
 
+    doc_probs: p(z|x), the retriever's distribution over the k passages, whatever the mode (under
+    concatenation and Fusion-in-Decoder it only chose and ordered them: the reader does not weight by it).
     posterior: RAG-Sequence — p(z|x,y) per passage; RAG-Token — p(z|x,y_≤i) per passage for every
-    generated token (a list of k-lists, aligned with `tokens`). log_prob: log p(y|x) (under fast
-    RAG-Sequence decoding, its approximation p(y|x,z) ≈ 0 for passages whose beam did not produce y).
+    generated token (a list of k-lists, aligned with `tokens`); concatenation and Fusion-in-Decoder — an
+    empty list (every passage was read at once: there is no latent passage to infer). log_prob: log p(y|x)
+    (under fast RAG-Sequence decoding, its approximation p(y|x,z) ≈ 0 for passages whose beam did not
+    produce y; concatenation and FiD: log p_θ(y|x,z_1..z_k)).
     """
 
     question: str
@@ -166,6 +171,7 @@ class RagModel(nn.Module):
         query_encoder = load_part("query_encoder", PartDescription(base=bases["query_encoder"]))
         generator = load_part("generator", PartDescription(base=bases["generator"]),
                               max_input_length=config.max_input_length)
+        rag_type(config.mode).check_generator(generator)  # a 'fid' config needs a seq2seq generator
         retriever = Retriever(query_encoder, config.document_encoder_identity, scale=config.retrieval_scale,
                               learn_scale=config.learn_retrieval_scale)
         model = cls(retriever, generator, config, document_tower)
@@ -232,7 +238,7 @@ class RagModel(nn.Module):
     # ---- likelihood and loss ------------------------------------------------------------------------
     def _check(self, mode: str | None, k: int | None) -> tuple[str, int]:
         mode, k = mode or self.config.mode, self.config.k if k is None else k
-        rag_type(mode)
+        rag_type(mode).check_generator(self.generator)
         if k < 1:
             raise LatentRagError(f"k must be at least 1, got {k}")
         return mode, k
@@ -252,7 +258,8 @@ class RagModel(nn.Module):
 
     def forward(self, questions: list[str], answers: list[str], mode: str | None = None, k: int | None = None,
                 epsilon: float | None = None, retrieved: RetrievedBatch | None = None) -> Tensor:
-        """−log p(y|x) per question (B,), differentiable through the generator and the query tower.
+        """−log p(y|x) per question (B,), differentiable through the generator and (RAG-Token, RAG-Sequence) the
+        query tower; concatenation and Fusion-in-Decoder give −log p_θ(y|x,z_1..z_k), where p(z|x) is not.
 
         `retrieved` (from `retrieve`, here or elsewhere) skips retrieval: its first k passages are used (all
         of them when k is None); gradients reach the query tower through its scores if they carry any.
@@ -262,11 +269,11 @@ class RagModel(nn.Module):
             raise LatentRagError(f"{len(questions)} questions but {len(answers)} answers")
         self.generator.check_prompt_budget(questions)
         retrieved = self._retrieved(questions, k, retrieved)
-        self.generator.warn_truncation(retrieved.questions, retrieved.passages)
-        batch = self.generator.prepare(retrieved.questions, retrieved.passages, answers)
-        vocab_logprobs = self.generator.vocab_logprobs(batch)
+        kind = rag_type(mode)
+        batch = kind.prepare(self.generator, retrieved.questions, retrieved.passages, answers)  # warns if cut
+        vocab_logprobs = kind.vocab_logprobs(self.generator, batch)
         eps = self.config.label_smoothing if epsilon is None else epsilon
-        return rag_type(mode).loss(retrieved.log_prior, vocab_logprobs, batch.targets, batch.target_mask.float(), eps)
+        return kind.loss(retrieved.log_prior, vocab_logprobs, batch.targets, batch.target_mask.float(), eps)
 
     def loss(self, questions: list[str], answers: list[str], mode: str | None = None, k: int | None = None,
              epsilon: float | None = None, retrieved: RetrievedBatch | None = None) -> Tensor:
@@ -290,7 +297,8 @@ class RagModel(nn.Module):
         """Answer each question; every answer carries its passages, p(z|x) and the posterior over them.
 
         mode 'token' decodes 'greedy' (default) or 'beam'; mode 'sequence' decodes 'thorough' (default) or
-        'fast'. num_beams defaults to 1 for greedy and to the config's `num_beams` otherwise; mode, k and
+        'fast'; modes 'concat' and 'fid' (all k passages read at once, `latentrag.rag_types`) decode 'greedy'
+        (default) or 'beam', and their answers carry p(z|x) and an empty posterior. num_beams defaults to 1 for greedy and to the config's `num_beams` otherwise; mode, k and
         max_new_tokens to the config's. `retrieved` (from `retrieve`) skips retrieval: its first k passages
         are used (all of them when k is None). options: min_new_tokens, length_penalty (0 = rank by
         log p(y|x); Hugging Face uses 1.0), early_stopping (see `latentrag.generation.decoding.DecodeOptions`).
@@ -312,8 +320,7 @@ class RagModel(nn.Module):
         questions = questions if isinstance(questions, list) else [questions]
         self.generator.check_prompt_budget(questions)
         retrieved = self._retrieved(questions, k, retrieved)
-        self.generator.warn_truncation(retrieved.questions, retrieved.passages)
-        batch = self.generator.prepare(retrieved.questions, retrieved.passages)
+        batch = kind.prepare(self.generator, retrieved.questions, retrieved.passages)  # warns if cut
         log_prior = retrieved.log_prior.float()
         decoded = kind.decode(
             self.generator, batch, log_prior, decoding, num_beams=num_beams, max_new_tokens=max_new_tokens, **options,

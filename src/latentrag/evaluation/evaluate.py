@@ -1,6 +1,7 @@
 """Evaluation as the paper reports it: open-domain QA (EM, F1, answer recall@k), generation (BLEU, ROUGE-L,
-Q-BLEU-1, distinct-n) and classification (label accuracy), for RAG-Token, RAG-Sequence and the closed-book
-("parametric only") baseline that uses the same generator with no passages.
+Q-BLEU-1, distinct-n) and classification (label accuracy), for RAG-Token, RAG-Sequence, the two readers of
+all k passages at once (concatenation, Fusion-in-Decoder) and the closed-book ("parametric only") baseline
+that uses the same generator with no passages.
 
     settings = EvalSettings(dataset="nq-test", mode="token", k=5, answerable_only=True, limit=500)
     metrics = evaluate(model, settings, out_dir="runs/nq-token")   # predictions.jsonl, metrics.json, report.md
@@ -43,8 +44,8 @@ class EvalSettings:
     """What one evaluation run is: data, model type, decoding. Plain values, saved as run.json."""
 
     dataset: str
-    mode: str | None = None  # "token" (RAG-Token) or "sequence" (RAG-Sequence); None: the model's; ignored when closed_book
-    decoding: str | None = None  # None: the mode's default (RAG-Token greedy, RAG-Sequence thorough)
+    mode: str | None = None  # "token", "sequence", "concat" or "fid" (`rag_types`); None: the model's; ignored when closed_book
+    decoding: str | None = None  # None: the mode's default (RAG-Sequence thorough, the others greedy)
     num_beams: int | None = None  # None: the decoding's default (1 for greedy, else the model's)
     k: int | None = None  # None: the model's
     closed_book: bool = False
@@ -91,7 +92,9 @@ class EvalSettings:
         beams = f", {self.num_beams} beams" if self.num_beams and self.num_beams > 1 else ""
         if self.mode is None or self.k is None:
             return "RAG (the model's settings)"  # before `resolved`
-        return f"RAG-{self.mode.title()} ({self.decoding}{beams}, k={self.k})"
+        from latentrag.rag_types import rag_type
+
+        return f"{rag_type(self.mode).title} ({self.decoding}{beams}, k={self.k})"
 
     def key(self) -> dict:
         """What must match for `resume` to continue a run (batch size and extras may change)."""

@@ -1,4 +1,5 @@
-"""Decoding the paper's two models (Lewis et al. 2020, §2.5), batched over questions, beams and passages.
+"""Decoding the paper's two models (Lewis et al. 2020, §2.5), batched over questions, beams and passages,
+and the two kinds that read all k passages at once (concatenation, Fusion-in-Decoder).
 
 RAG-Token. The per-token marginal p'(y_i|x,y_<i) = Σ_z p_η(z|x) p_θ(y_i|x,z,y_<i) is an ordinary
 autoregressive transition, so greedy and beam search apply unchanged: every step runs all B·beams·k
@@ -14,6 +15,10 @@ candidate set Y of each question.
   * fast: p_θ(y|x,z) ≈ 0 when y did not come out of z's beam, so the beams' own scores suffice and no
     extra pass runs.
 
+Concatenation and Fusion-in-Decoder. One input per question (one prompt, or the k encodings fused), so
+p_θ(y|x,z_1..z_k) is an ordinary autoregressive model: `reader_decode` runs the same greedy and beam search
+with one row per question — what the generator's own `generate` does on that input.
+
 Beam search is the standard algorithm as Hugging Face transformers implements it (keep the 2·beams best
 continuations per step; finished hypotheses ranked by score / length^length_penalty; the same
 early-stopping rule), so that on identical weights the outputs are identical. Two of its defaults are
@@ -24,7 +29,8 @@ forced, not scored: y is the answer after it (HF's RAG-Sequence likewise exclude
 
 Provenance. Every `Decoded` carries the posterior over its k passages: RAG-Token, p(z|x,y_≤i) ∝
 p_η(z|x) p_θ(y_i|x,z,y_<i) for every generated token (T,k); RAG-Sequence, p(z|x,y) ∝ p_η(z|x) p_θ(y|x,z)
-(k,) — under fast decoding with its own approximation (passages whose beam did not produce y get 0).
+(k,) — under fast decoding with its own approximation (passages whose beam did not produce y get 0);
+concatenation and Fusion-in-Decoder, none: an empty posterior (0,), since no passage is inferred.
 """
 
 from __future__ import annotations
@@ -83,7 +89,8 @@ class Decoded:
     """One answer with what provenance needs (k passages, T generated tokens, </s> included).
 
     score: log p(y|x) under the model that decoded it (fast decoding: its approximation).
-    posterior: RAG-Token (T,k) p(z|x,y_≤i) per token; RAG-Sequence (k,) p(z|x,y).
+    posterior: RAG-Token (T,k) p(z|x,y_≤i) per token; RAG-Sequence (k,) p(z|x,y); concatenation and
+    Fusion-in-Decoder (0,), empty (no latent passage).
     token_logprobs: (k,T) log p_θ(y_i|x,z,y_<i) under every passage, where it was computed (RAG-Token,
     thorough RAG-Sequence); doc_log_likelihood: (k,) log p_θ(y|x,z) for RAG-Sequence (−inf where fast
     decoding takes it as 0).
@@ -151,7 +158,8 @@ def ban_eos(beam_lp: Tensor, eos: int) -> Tensor:
 
 
 class PerDocument:
-    """RAG-Sequence: one search per (question, passage); a beam is one row and scores with p_θ(·|x,z)."""
+    """RAG-Sequence: one search per (question, passage); a beam is one row and scores with p_θ(·|x,z).
+    (Concatenation and FiD use it too, with one row per question: p_θ(·|x,z_1..z_k).)"""
 
     rows = 1
 
@@ -411,3 +419,21 @@ def rag_sequence_decode(generator: Generator, batch: GeneratorBatch, log_prior: 
         ))
     return out
 
+
+
+@torch.inference_mode()
+def reader_decode(generator: Generator, batch: GeneratorBatch, opts: DecodeOptions | None = None) -> list[Decoded]:
+    """Concatenation and Fusion-in-Decoder: greedy (num_beams=1) or beam search over p_θ(y|x,z_1..z_k), one
+    search per question, on a batch that reads all k passages in one row per question (`prepare_concat`,
+    `prepare_fused`). Each `Decoded` has the score log p_θ(y|x,z_1..z_k), its per-token terms (1,T) and an
+    empty posterior (0,)."""
+    opts = opts or DecodeOptions()
+    opts.check()
+    state, first = start_answers(generator, batch)
+    groups = first.shape[0]  # one row per question
+    hyps = search(generator, state, first, PerDocument(), groups, opts)
+    out = []
+    for b in range(groups):
+        ids, score, docs = hyps.get(b, 0)  # docs (T,1)
+        out.append(Decoded(ids, score, docs.new_zeros(0), token_logprobs=docs.T.contiguous()))
+    return out

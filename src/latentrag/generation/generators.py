@@ -5,6 +5,11 @@
 * `DecoderOnlyGenerator` — a causal LM. The prompt holds the passage and the question (through the
   tokenizer's chat template when it has one); the loss covers the answer tokens only.
 
+Each kind also formats the two inputs that read all k passages at once: concatenation (`prepare_concat`:
+one row per question holding the question and its k passages in retrieval order, cut to the input budget
+from the end of the lowest-ranked passage) and, seq2seq only, Fusion-in-Decoder (`prepare_fused`: RAG's
+B·k rows, each encoded on its own, their encoder states concatenated per question for one decoder).
+
 Every method works on all B·k (question, passage) rows at once: one batched forward, never a loop
 over documents. Shapes: N = B·k rows (row b·k + j is question b with its j-th passage), T answer
 positions, V vocabulary.
@@ -20,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +85,7 @@ class Generator(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.shares_contexts = self._share_contexts()
         self._count_tokens = FixedTokenizer(tokenizer, add_special_tokens=self.adds_special_tokens)
+        self._plain_tokens = FixedTokenizer(tokenizer, add_special_tokens=False)  # a passage's text alone
         self._tokenizers()
 
     def _tokenizers(self) -> None:
@@ -154,6 +160,57 @@ class Generator(nn.Module):
                 stacklevel=3,
             )
         return len(over)
+
+    # ---- all k passages in one input (mode "concat") ------------------------------------------------
+    def concat_text(self, question: str, passages: list[Passage]) -> str:
+        """The one input that holds the question and its passages in retrieval order; with one passage it is
+        exactly `input_text` (so concatenation at k = 1 reads what RAG reads)."""
+        raise NotImplementedError
+
+    def fit_concat(self, question: str, passages: list[Passage]) -> tuple[str, int]:
+        """`concat_text` within max_input_length, and how many tokens it was over (0: nothing cut). What is
+        over is cut from the end of the lowest-ranked passage first, then the next one up: the prompt, the
+        titles and the question are kept, and so is the best-ranked evidence."""
+        text = self.concat_text(question, passages)
+        over = self._token_counts([text])[0] - self.max_input_length
+        excess, kept = over, list(passages)
+        for _ in range(4):  # the joined text re-tokenises a token or two differently: check again
+            if over <= 0 or not any(p.text for p in kept):
+                break
+            for j in reversed(range(len(kept))):
+                if over <= 0:
+                    break
+                ids = self._plain_tokens(kept[j].text)["input_ids"]
+                keep = max(0, len(ids) - over)
+                over -= len(ids) - keep
+                cut = self._plain_tokens.tokenizer.decode(ids[:keep], skip_special_tokens=True,
+                                                          clean_up_tokenization_spaces=False)
+                kept[j] = replace(kept[j], text=cut.strip())
+            text = self.concat_text(question, kept)
+            over = self._token_counts([text])[0] - self.max_input_length
+        return text, max(0, excess)  # anything still over is cut by the tokenizer (`truncates`)
+
+    def prepare_concat(self, questions: list[str], passages: list[list[Passage]],
+                       answers: list[str] | None = None) -> GeneratorBatch:
+        """Concatenation's inputs: one row per question (k = 1 in the batch's layout) holding its passages in
+        retrieval order, cut to max_input_length by `fit_concat`, with a LatentRagWarning when it cuts."""
+        fitted = [self.fit_concat(q, ps) for q, ps in zip(questions, passages, strict=True)]
+        over = [n for _, n in fitted if n > 0]
+        if over:
+            warnings.warn(
+                f"{len(over)} of {len(fitted)} concatenated generator inputs exceed max_input_length="
+                f"{self.max_input_length} tokens and lose up to {max(over)} tokens (the end of the lowest-ranked "
+                "passages); the answer reads less of the evidence: use fewer or shorter passages, or a larger "
+                "max_input_length",
+                LatentRagWarning,
+                stacklevel=3,
+            )
+        return self._with_answers(self._batch([text for text, _ in fitted], 1), answers)
+
+    def prepare_fused(self, questions: list[str], passages: list[list[Passage]],
+                      answers: list[str] | None = None) -> GeneratorBatch:
+        """Fusion-in-Decoder's inputs (seq2seq generators only)."""
+        raise LatentRagError(f"Fusion-in-Decoder needs an encoder-decoder generator; {self.name} is {self.kind}")
 
     def save_pretrained(self, directory) -> None:
         self.model.save_pretrained(directory)  # the attention implementation is not saved: plain HF loads it
@@ -303,6 +360,30 @@ class Seq2SeqGenerator(Generator):
     def format_closed_book(self, question: str) -> str:
         return self._prefix() + self.generator_question(question)
 
+    def concat_text(self, question: str, passages: list[Passage]) -> str:
+        """"prefix + title_1 / text_1 // ... // title_k / text_k // question": RAG's input with k passages."""
+        blocks = self.doc_sep.join(_clean_title(p.title) + self.title_sep + p.text for p in passages)
+        return (self._prefix() + blocks + self.doc_sep + self.generator_question(question)).replace("  ", " ")
+
+    def prepare_fused(self, questions, passages, answers=None) -> GeneratorBatch:
+        """Fusion-in-Decoder's inputs: RAG's B·k (question, passage) rows, each within max_input_length and
+        encoded on its own, marked so that `vocab_logprobs` and `start` concatenate each question's k encoder
+        states (padding masked) into one context for one decoder."""
+        batch = self.prepare(questions, passages, answers)
+        batch.extra["fused"] = True
+        return batch
+
+    def encode(self, batch: GeneratorBatch):
+        """Encoder outputs and their attention mask: one row per (question, passage), or, for a fused batch,
+        one per question, its k rows' states side by side ((B, k·L, H), mask (B, k·L))."""
+        encoder_outputs = self.model.get_encoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        if not batch.extra.get("fused"):
+            return encoder_outputs, batch.attention_mask
+        rows, length = batch.batch_size, batch.k * batch.input_ids.shape[1]
+        hidden = encoder_outputs.last_hidden_state
+        return (type(encoder_outputs)(last_hidden_state=hidden.reshape(rows, length, hidden.shape[-1])),
+                batch.attention_mask.reshape(rows, length))
+
     def generator_question(self, question: str) -> str:
         """The question as the generator reads it: as given, or (HF RAG checkpoints) decode(encode(question))."""
         if self.question_tokenizer is None:
@@ -347,13 +428,19 @@ class Seq2SeqGenerator(Generator):
         return shifted
 
     def vocab_logprobs(self, batch: GeneratorBatch) -> Tensor:
-        k = batch.k
+        """(B, k, T, V); a fused batch (Fusion-in-Decoder) has one decoder per question: (B, 1, T, V)."""
+        fused = batch.extra.get("fused", False)
+        k = 1 if fused else batch.k
         decoder_input_ids = self._decoder_inputs(batch.targets).repeat_interleave(k, dim=0)
         decoder_mask = batch.target_mask.repeat_interleave(k, dim=0)
         decoder_mask[:, 0] = 1
+        if fused:
+            encoder_outputs, attention_mask = self.encode(batch)
+            inputs = {"encoder_outputs": encoder_outputs, "attention_mask": attention_mask}
+        else:
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         logits = self.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+            **inputs,
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_mask,
             use_cache=False,
@@ -362,10 +449,10 @@ class Seq2SeqGenerator(Generator):
         return logprobs.view(batch.batch_size, k, *logprobs.shape[1:])
 
     def start(self, batch: GeneratorBatch, prefix: list[int] | tuple[int, ...] = ()) -> tuple[DecodeState, Tensor]:
-        encoder_outputs = self.model.get_encoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        state = DecodeState(None, batch.attention_mask, {"encoder_outputs": encoder_outputs, "context": None})
+        encoder_outputs, attention_mask = self.encode(batch)  # fused: one row per question
+        state = DecodeState(None, attention_mask, {"encoder_outputs": encoder_outputs, "context": None})
         first = torch.tensor([self.model.config.decoder_start_token_id, *prefix], device=self.device)
-        state, logprobs = self.step(state, first.expand(batch.input_ids.shape[0], -1))  # one forward for all
+        state, logprobs = self.step(state, first.expand(attention_mask.shape[0], -1))  # one forward for all
         return state, logprobs[:, -1]
 
     @property
@@ -417,6 +504,7 @@ class DecoderOnlyGenerator(Generator):
     kind = "decoder-only"
     instruction = "Answer the question with a short phrase, using the passage if it helps."
     closed_book_instruction = "Answer the question with a short phrase."
+    concat_instruction = "Answer the question with a short phrase, using the passages if they help."
 
     def _share_contexts(self) -> bool:
         return shared_context.enable_prompt(self.model)
@@ -444,6 +532,13 @@ class DecoderOnlyGenerator(Generator):
     def format_prompt(self, question: str, passage: Passage) -> str:
         body = f"Title: {_clean_title(passage.title)}\nPassage: {passage.text}\nQuestion: {question}"
         return self._prompt(self.instruction, body)
+
+    def concat_text(self, question: str, passages: list[Passage]) -> str:
+        """The RAG prompt with k Title/Passage blocks, best-ranked first, before the question."""
+        if len(passages) == 1:
+            return self.format_prompt(question, passages[0])
+        blocks = "\n\n".join(f"Title: {_clean_title(p.title)}\nPassage: {p.text}" for p in passages)
+        return self._prompt(self.concat_instruction, f"{blocks}\n\nQuestion: {question}")
 
     def format_closed_book(self, question: str) -> str:
         """The RAG prompt without its Title/Passage lines, and an instruction that mentions no passage."""

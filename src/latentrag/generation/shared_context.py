@@ -117,7 +117,7 @@ def _prompt_attention(module, query, key, value, grid: ContextGrid, prompt_cache
     # one softmax over both parts
     lse = torch.logaddexp(p_lse, a_lse)
     out = p_out * torch.exp(p_lse - lse) + a_out * torch.exp(a_lse - lse)  # (N, Hkv, group·t, D)
-    return out.view(rows, heads, t, dim).transpose(1, 2).contiguous(), None
+    return out.reshape(rows, heads, t, dim).transpose(1, 2).contiguous(), None
 
 
 def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,

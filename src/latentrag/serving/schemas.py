@@ -36,9 +36,11 @@ class _Strict(BaseModel):
 
 class AskRequest(_Strict):
     question: Question
-    mode: Literal["token", "sequence"] | None = Field(None, description="RAG-Token or RAG-Sequence (default: model's)")
+    mode: Literal["token", "sequence", "concat", "fid"] | None = Field(
+        None, description="RAG-Token, RAG-Sequence, concat (all k passages in one input) or fid (Fusion-in-Decoder, "
+                          "seq2seq generators); default: the model's")
     decoding: Literal["greedy", "beam", "thorough", "fast"] | None = Field(
-        None, description="token: greedy | beam; sequence: thorough | fast")
+        None, description="token, concat, fid: greedy | beam; sequence: thorough | fast")
     k: int | None = Field(None, ge=1, le=MAX_K, description="passages marginalised over (default: model's)")
     num_beams: int | None = Field(None, ge=1, le=MAX_BEAMS)
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
@@ -81,7 +83,8 @@ class AskResponse(BaseModel):
     log_prob: float = Field(..., description="log p(y|x)")
     tokens: list[str]
     passages: list[PassageOut]
-    posterior: list = Field(..., description="RAG-Token: p(z|x,y_≤i) per token (T×k); RAG-Sequence: p(z|x,y) (k)")
+    posterior: list = Field(..., description="RAG-Token: p(z|x,y_≤i) per token (T×k); RAG-Sequence: p(z|x,y) (k); "
+                                             "concat, fid: [] (all passages read at once, nothing to infer)")
     index: IndexRef
     timings: Timings
 

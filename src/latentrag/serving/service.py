@@ -234,6 +234,7 @@ class RagService:
         decoding = request.decoding or kind.default_decoding
         max_new_tokens = request.max_new_tokens or config.max_new_tokens
         try:
+            kind.check_generator(self.model.generator)  # fid with a decoder-only generator
             kind.options(decoding, request.num_beams, {"max_new_tokens": max_new_tokens})
         except LatentRagError as e:
             raise ServiceError(str(e), 422) from e

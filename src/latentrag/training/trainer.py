@@ -17,6 +17,11 @@ Deliberate choices, each one the paper leaves open:
   the question. The document tower is always in eval mode (frozen).
 * Validation and generation run in eval mode; training mode is restored afterwards.
 * The target is an example's first gold answer (as Hugging Face's RAG fine-tuning scripts).
+* Modes "concat" and "fid" read all k passages at once: their loss −log p_θ(y|x,z_1..z_k) does not contain
+  p(z|x), so the query tower gets no gradient from it. Training them keeps the query tower (and the
+  retrieval scale) frozen, as --freeze-query-encoder would, and trains the generator alone; asking to learn
+  the retrieval scale with them is refused. (Frozen, not left to receive no gradient: DDP refuses
+  parameters that never get one, and LoRA adapters on the tower would be saved untrained.)
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ class TrainSettings:
 
     train: str  # "nq-dev,trivia-dev" or a .jsonl/.tsv of questions and answers
     out: str
-    mode: str = "token"  # "token" (RAG-Token) or "sequence" (RAG-Sequence)
+    mode: str = "token"  # "token", "sequence", "concat" or "fid" (concat/fid: the query tower stays frozen)
     k: int = 5
     steps: int | None = None  # optimiser steps; or
     epochs: float | None = None  # passes over the training pairs (default: 1)
@@ -95,7 +100,10 @@ class TrainSettings:
     def check(self) -> None:
         from latentrag.rag_types import rag_type
 
-        rag_type(self.mode)
+        kind = rag_type(self.mode)  # an unknown mode is refused here
+        if self.learn_retrieval_scale and not kind.latent:
+            raise LatentRagError(f"--learn-retrieval-scale: mode '{self.mode}' reads all k passages at once, so "
+                                 "p(z|x) is not in its loss and the scale would get no gradient")
         positive = {"k": self.k, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "eval_every": self.eval_every, "save_every": self.save_every, "val_questions": self.val_questions,
                     "max_new_tokens": self.max_new_tokens, "keep_checkpoints": self.keep_checkpoints}
@@ -253,10 +261,15 @@ def build_model(s: TrainSettings, index, device: torch.device):
     else:
         names = {"query_encoder": s.query_encoder, "document_encoder": s.document_encoder, "generator": s.generator}
         model = RagModel.from_components(index=index, **{k: v for k, v in names.items() if v}, **overrides)
+    from latentrag.rag_types import rag_type
+
+    kind = rag_type(s.mode)
+    kind.check_generator(model.generator)  # fid needs a seq2seq generator
     query_rank = s.lora_rank if s.query_lora_rank is None else s.query_lora_rank
+    reads_latent = kind.latent and not s.closed_book  # concat/fid: p(z|x) is not in the loss, no gradient reaches it
     model.set_trainable(generator=s.lora_rank,
-                        query_encoder=None if s.freeze_query_encoder or s.closed_book else query_rank,
-                        retrieval_scale=s.learn_retrieval_scale and not s.closed_book)
+                        query_encoder=query_rank if reads_latent and not s.freeze_query_encoder else None,
+                        retrieval_scale=s.learn_retrieval_scale and reads_latent)
     return model.to(device)
 
 
@@ -368,6 +381,9 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
     stream = ExampleStream(train_pairs, s.seed, position)
     selector = _selector(s, model, train_pairs, main and progress)
     trainable_count = sum(p.numel() for p in trainable)
+    if main and not s.closed_book and not s.freeze_query_encoder and s.mode in ("concat", "fid"):
+        print(f"mode {s.mode}: p(z|x) is not in the loss, so the query tower gets no gradient and stays frozen",
+              file=sys.stderr)
     if main:
         print(f"training {trainable_count:,} parameters for {total_steps} steps of {global_batch} questions "
               f"({len(train_pairs)} training, {len(val_pairs)} validation questions) → {out}", file=sys.stderr)
@@ -425,7 +441,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
         bar.close()
     if main:
         model.save_pretrained(out / MODEL)
-        plot_learning_curve(read_log(log_path), out / CURVE, title=f"{out.name}: RAG-{s.mode.title()}"
+        plot_learning_curve(read_log(log_path), out / CURVE, title=f"{out.name}: {_title(s.mode)}"
                             + (" closed-book" if s.closed_book else f", k={s.k}"))
         print(f"trained model: {out / MODEL}  (learning curve: {out / CURVE})", file=sys.stderr)
     _barrier(world)
@@ -440,6 +456,12 @@ def _selector(s: TrainSettings, model, train_pairs, progress: bool):
     if s.counterfactual:
         substitutes = build_substitutes(train_pairs, model.document_encoder(), progress=progress)
     return ReadingSelector(model, s.k, s.reading_filter, s.counterfactual, substitutes, s.seed)
+
+
+def _title(mode: str) -> str:
+    from latentrag.rag_types import rag_type
+
+    return rag_type(mode).title
 
 
 def _validate(model, val_pairs, s: TrainSettings, step: int, log_path: Path, bar) -> None:

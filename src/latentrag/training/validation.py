@@ -1,9 +1,9 @@
 """Validation during training: does the reader answer, does the retriever find, is retrieval collapsing?
 
-Per held-out question: greedy exact match (RAG-Token greedy, RAG-Sequence fast with one beam, or the
-generator alone when closed-book), −log p(y|x), answer recall@1/@k/@5 of the retrieved passages (DPR's
-`has_answer`), exact match on the questions whose answer is in the k read ("reading accuracy"), the
-entropy of p(z|x) over the top k, and which passage ranks first. Retrieval has
+Per held-out question: greedy exact match (RAG-Token, concatenation and FiD greedy, RAG-Sequence fast with
+one beam, or the generator alone when closed-book), −log p(y|x), answer recall@1/@k/@5 of the retrieved
+passages (DPR's `has_answer`), exact match on the questions whose answer is in the k read ("reading accuracy"),
+the entropy of p(z|x) over the top k, and which passage ranks first. Retrieval has
 *collapsed* when one passage comes first for most questions whatever they ask (Hugging Face users saw it
 fine-tuning RAG on FEVER): the share of distinct top-1 passages falls and the warning says so.
 """
@@ -45,7 +45,7 @@ def validate(model, pairs: Sequence[TrainPair], mode: str, k: int, batch_size: i
                 retrieved = model.retrieve(questions, depth)
                 top = retrieved.top(k)
                 losses += model(questions, answers, mode=mode, retrieved=top).tolist()
-                decoding = "greedy" if mode == "token" else "fast"
+                decoding = "fast" if mode == "sequence" else "greedy"
                 generated = model.generate(questions, mode=mode, decoding=decoding, num_beams=1,
                                            max_new_tokens=max_new_tokens, retrieved=top)
                 texts = [a.text for a in generated]

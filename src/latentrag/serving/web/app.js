@@ -4,7 +4,10 @@
 
 const COLORS = ["#e4572e", "#29a0b1", "#9c6ade", "#f3a712", "#4c956c", "#d1495b", "#3d5a80", "#8d6346",
                 "#ef8354", "#2a9d8f"];
-const DECODINGS = { token: ["greedy", "beam"], sequence: ["thorough", "fast"] };
+const DECODINGS = { token: ["greedy", "beam"], sequence: ["thorough", "fast"], concat: ["greedy", "beam"],
+                    fid: ["greedy", "beam"] };
+// concat and fid read every passage at once: their answers carry p(z|x) and an empty posterior
+const NO_POSTERIOR = "no posterior: all passages read at once";
 const $ = (id) => document.getElementById(id);
 const color = (i) => COLORS[i % COLORS.length];
 let passages = [];
@@ -96,8 +99,10 @@ function showAnswer(a) {
     else box.textContent = a.answer;
   }
   box.dataset.state = "done";
-  const posterior = a.mode === "token" ? meanPosterior(a.posterior, a.passages.length) : a.posterior;
-  renderPassages(a.passages, posterior, a.mode === "token" ? "mean p(z|x,y≤i)" : "p(z|x,y)");
+  const posterior = a.mode === "token" ? meanPosterior(a.posterior, a.passages.length)
+    : a.posterior.length ? a.posterior : null;
+  const label = a.mode === "token" ? "mean p(z|x,y≤i)" : a.mode === "sequence" ? "p(z|x,y)" : NO_POSTERIOR;
+  renderPassages(a.passages, posterior, label);
   const t = a.timings;
   $("meta").textContent = `log p(y|x) = ${a.log_prob.toFixed(3)} · index ${a.index.name} ` +
     `(${a.index.manifest_sha256.slice(0, 12)}…) · retrieve ${t.retrieve_ms.toFixed(0)} ms, ` +
