@@ -114,6 +114,8 @@ def model(tmp_path_factory):
 
 
 ANSWERS = ["William Shakespeare", "Neil Armstrong", "Gustave Eiffel", "Ludwig van Beethoven", "Paris"]
+# typed substitutes come from here: names for names, "van" names for "van" names
+POOL = ["Johann Sebastian Bach", "Isaac Newton", "Marie Curie", "Buzz Aldrin", "Gustave Flaubert", "Vincent van Gogh"]
 
 
 def _reader(model):
@@ -124,13 +126,14 @@ def _reader(model):
         for q, passages in zip(questions, model.retrieve(questions, k=k).passages, strict=True):
             named = [p for p in passages if p.title.lower() in q.lower()]
             best = max(named, key=lambda p: len(p.title)) if named else passages[0]
-            text = next((a for a in ANSWERS if a.lower() in best.text.lower()), "no idea")
-            out.append(SimpleNamespace(text=text, passages=passages))
+            text = next((a for a in POOL + ANSWERS if a.lower() in best.text.lower()), "no idea")
+            out.append(SimpleNamespace(text=text, passages=passages, evidence_passage=lambda best=best: best))
         return out
     return generate
 
 
-def test_the_whole_protocol_follows_an_index_a_reader_answers_from(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pairing", ["typed", "coarse"])
+def test_the_whole_protocol_follows_an_index_a_reader_answers_from(model, tmp_path, monkeypatch, pairing):
     examples = {"tiny": [
         QAExample("Who wrote the tragedy Hamlet?", ["William Shakespeare"], id="h"),
         QAExample("Who walked on the Moon in 1969?", ["Neil Armstrong"], id="m"),
@@ -140,7 +143,8 @@ def test_the_whole_protocol_follows_an_index_a_reader_answers_from(model, tmp_pa
     ]}
     original = model.retriever.index
     monkeypatch.setattr(model, "generate", _reader(model))
-    result = run_knowledge_swap(model, examples, tmp_path / "cf", match="em", resamples=200)
+    result = run_knowledge_swap(model, examples, tmp_path / "cf", match="em", resamples=200, pairing=pairing,
+                                pool_answers=POOL, max_similarity=1.0)  # a random tiny tower: all near
     assert result["selection"]["tiny"] == {"examined": 5, "regex_skipped": 0, "answer_retrieved": 4, "answered": 4}
     assert result["overall"]["n"] == 4 and result["overall"]["follows"]["rate"] == 1.0
     for r in result["records"]:
@@ -149,16 +153,25 @@ def test_the_whole_protocol_follows_an_index_a_reader_answers_from(model, tmp_pa
     assert (tmp_path / "cf" / EDITS).exists() and result["edited_passages"] >= 4
     low, high = result["overall"]["follows"]["ci95"]
     assert low == high == 1.0
+    # the evidence the reader read its answer from: the gold before, a rewritten passage after
+    assert result["overall"]["evidence_has_answer_before"] == 1.0
+    assert result["overall"]["evidence_rewritten_when_follows"] == 1.0
+    assert result["settings"]["pairing"] == pairing
+    if pairing == "typed":
+        assert {r["substitute"] for r in result["records"]} <= set(POOL)
+        assert next(r["substitute"] for r in result["records"] if r["id"] == "b") == "Vincent van Gogh"
     # a reader that ignores the index stays with what it knew
     monkeypatch.setattr(model, "generate", lambda qs, **_: [
-        SimpleNamespace(text=next(ex.answers[0] for ex in examples["tiny"] if ex.question == q), passages=[])
+        SimpleNamespace(text=next(ex.answers[0] for ex in examples["tiny"] if ex.question == q), passages=[],
+                        evidence_passage=lambda: None)
         for q in qs])
-    stuck = run_knowledge_swap(model, examples, tmp_path / "cf", resamples=200)
+    stuck = run_knowledge_swap(model, examples, tmp_path / "cf", resamples=200, pairing=pairing)
     assert stuck["overall"]["stays"]["rate"] == 1.0 and stuck["overall"]["follows"]["rate"] == 0.0
 
 
 def test_too_few_answered_questions_is_a_clear_error(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(model, "generate", lambda qs, **_: [SimpleNamespace(text="no idea", passages=[]) for _ in qs])
+    monkeypatch.setattr(model, "generate", lambda qs, **_: [SimpleNamespace(text="no idea", passages=[],
+                                                                            evidence_passage=lambda: None) for _ in qs])
     with pytest.raises(LatentRagError, match="at least two"):
         run_knowledge_swap(model, {"tiny": [QAExample("Who wrote Hamlet?", ["William Shakespeare"], id="h")]},
                            tmp_path / "cf")

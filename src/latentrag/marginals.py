@@ -146,6 +146,13 @@ def sequence_posterior(log_prior: Tensor, seq_log_likelihood: Tensor) -> Tensor:
     return torch.softmax(log_prior + seq_log_likelihood, dim=-1)
 
 
+def answer_posterior(log_prior: Tensor, token_logprobs: Tensor) -> Tensor:
+    """Attribution of a whole answer: p(z|x,y) ∝ p_η(z|x) Π_i p_θ(y_i|x,z,y_<i), the passage that best explains
+    all of y read alone. RAG-Sequence's posterior (eq. 1's latent); for RAG-Token, whose latent is drawn per
+    token, the same Bayes rule over one-passage explanations of y. (…,k),(…,k,T) -> (…,k)."""
+    return sequence_posterior(log_prior, token_logprobs.sum(-1))
+
+
 def token_posterior(log_prior: Tensor, token_logprobs: Tensor) -> Tensor:
     """Provenance for RAG-Token: p(z|x,y_≤i) ∝ p_η(z|x) p_θ(y_i|x,z,y_<i). (B,k),(B,k,T) -> (B,T,k)."""
     return torch.softmax(log_prior.unsqueeze(-1) + token_logprobs, dim=1).transpose(1, 2)

@@ -67,7 +67,9 @@ class Answer:
     concatenation and Fusion-in-Decoder it only chose and ordered them: the reader does not weight by it).
     posterior: RAG-Sequence — p(z|x,y) per passage; RAG-Token — p(z|x,y_≤i) per passage for every
     generated token (a list of k-lists, aligned with `tokens`); concatenation and Fusion-in-Decoder — an
-    empty list (every passage was read at once: there is no latent passage to infer). log_prob: log p(y|x)
+    empty list (every passage was read at once: there is no latent passage to infer). evidence: p(z|x,y) for the
+    whole answer (`marginals.answer_posterior`; RAG-Sequence: its posterior), empty where there is no latent
+    passage or no per-passage likelihood was computed. log_prob: log p(y|x)
     (under fast RAG-Sequence decoding, its approximation p(y|x,z) ≈ 0 for passages whose beam did not
     produce y; concatenation and FiD: log p_θ(y|x,z_1..z_k)).
     """
@@ -81,6 +83,14 @@ class Answer:
     tokens: list[str]
     log_prob: float
     decoding: str = ""
+    evidence: list[float] = field(default_factory=list)
+
+    def evidence_passage(self) -> Passage | None:
+        """The passage with the highest p(z|x,y) over the whole answer (`marginals.answer_posterior`), or None
+        when the mode has no latent passage (concatenation, Fusion-in-Decoder)."""
+        if not self.evidence:
+            return None
+        return self.passages[max(range(len(self.evidence)), key=self.evidence.__getitem__)]
 
     def to_json(self) -> dict:
         return {
@@ -95,7 +105,19 @@ class Answer:
                 for p, prob in zip(self.passages, self.doc_probs, strict=True)
             ],
             "posterior": self.posterior,
+            "evidence": self.evidence,
         }
+
+
+def _evidence(mode: str, log_prior: torch.Tensor, decoded) -> list[float]:
+    """The answer-level posterior p(z|x,y) of one decoded answer (see `Answer.evidence`)."""
+    from latentrag.marginals import answer_posterior
+
+    if mode == "sequence":
+        return decoded.posterior.tolist()
+    if mode == "token" and decoded.token_logprobs is not None:
+        return answer_posterior(log_prior, decoded.token_logprobs.float()).tolist()
+    return []
 
 
 class RagModel(nn.Module):
@@ -338,6 +360,7 @@ class RagModel(nn.Module):
                     tokens=[self.generator.tokenizer.decode([t]) for t in d.token_ids],
                     log_prob=d.score,
                     decoding=decoding,
+                    evidence=_evidence(mode, log_prior[b], d),
                 )
             )
         return answers

@@ -298,8 +298,9 @@ def _predict(model, examples: list[QAExample], settings: EvalSettings) -> list[d
     records = []
     for ex, text, answer, ranked in zip(examples, texts, answers, retrieved, strict=True):
         passages = [] if answer is None else [
-            {"id": p.id, "title": p.title, "text": p.text, "probability": prob}
-            for p, prob in zip(answer.passages, answer.doc_probs, strict=True)
+            {"id": p.id, "title": p.title, "text": p.text, "probability": prob,
+             **({"evidence": answer.evidence[i]} if answer.evidence else {})}
+            for i, (p, prob) in enumerate(zip(answer.passages, answer.doc_probs, strict=True))
         ]
         records.append(score_record({
             "id": ex.id,
@@ -453,6 +454,23 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def reading_scores(records: list[dict]) -> dict:
+    """Does the reader use what it reads? `reading_accuracy`: exact match on the questions whose gold answer is
+    in a passage read; `attribution`: of the right answers that carry a per-passage p(z|x,y) (`Answer.evidence`),
+    the share whose most probable passage holds the answer — evidence a user can check. None when no record
+    applies (closed-book; concatenation and FiD have no evidence)."""
+    read = [r for r in records if any(M.has_answer(p["text"], r["gold"], r.get("regex", False))
+                                      for p in r.get("passages") or [])]
+    attributed = []
+    for r in records:
+        passages = r.get("passages") or []
+        if r["correct"] and passages and all("evidence" in p for p in passages):
+            top = max(passages, key=lambda p: p["evidence"])
+            attributed.append(float(M.has_answer(top["text"], r["gold"], r.get("regex", False))))
+    return {"answer_read": len(read) / len(records), "reading_accuracy": _mean([r["correct"] for r in read]),
+            "attributed_answers": len(attributed), "attribution": _mean(attributed)}
+
+
 def score_records(records: list[dict], recall_ks: Sequence[int] = RECALL_KS, labels: bool = False) -> dict:
     """All metrics over prediction records (see the module docstring); None where a metric does not apply."""
     if not records:
@@ -477,6 +495,7 @@ def score_records(records: list[dict], recall_ks: Sequence[int] = RECALL_KS, lab
         }
     else:
         out["answer_recall"] = None
+    out.update(reading_scores(records))
     if plain:
         plain_preds, refs = [r["prediction"] for r in plain], [r["gold"] for r in plain]
         out.update(M.bleu(plain_preds, refs))

@@ -5,11 +5,15 @@ often the answer changes with the index (70 % / 68 %). Here the second index is 
 
 1. keep the questions whose gold answer is in the k retrieved passages *and* that the model answers
    correctly with the original index (`select_questions`);
-2. give each a substitute answer — the gold answer of another kept question (the alias its passages
-   state most often), paired with a seeded shuffle, preferring one of the same coarse kind (number / name / phrase), never one of its own gold
-   aliases, never one already in the passages it retrieved, never one whose question shares a passage
-   with it; a question whose answer is in its own wording
-   is dropped (`plan_swaps`);
+2. give each a substitute answer (`plan_swaps`), by one of two pairings:
+   * `typed` (default, like the paper's leader-for-leader swap): the nearest answer of the same type in a
+     pool of the split's other answers, embedded by the document tower (`evaluation.substitutes`: a
+     country for a country, a year for a year);
+   * `coarse` (harder): the gold answer of another kept question (the alias its passages state most
+     often), paired with a seeded shuffle, preferring one of the same coarse form (number / name / phrase);
+   never one of its own gold aliases, never one already in the passages it retrieved, never one that must
+   itself be rewritten out of a passage it would be written into; a question whose answer is in its own
+   wording is dropped;
 3. in every passage of the index holding a kept question's answer (DPR `has_answer`), replace each
    occurrence of every gold alias (case-insensitive, whole words) by the substitute, all questions in one
    pass so substitutes are never substituted again (`counterfactual_edits`); a question whose answer
@@ -17,6 +21,8 @@ often the answer changes with the index (70 % / 68 %). Here the second index is 
 4. re-encode only the edited passages (`retrieval.index.edit.replace_passages`), swap the copy in with
    `RagModel.swap_index` (no retraining), ask again, and count: the answer follows the swapped index
    (prediction = the substitute), stays the original answer, or is something else (`run_knowledge_swap`).
+   Each answer's evidence — the passage of highest p(z|x,y) (`Answer.evidence`) — is recorded too: after
+   the swap, is it a rewritten passage?
 
 `match="em"` (the paper's protocol) compares SQuAD-normalised exact matches; `match="contained"`
 compares DPR `has_answer` on the prediction, for models that answer in sentences (untrained generators).
@@ -35,8 +41,10 @@ import torch
 from latentrag.errors import LatentRagError
 from latentrag.evaluation import metrics as M
 from latentrag.evaluation.datasets import QAExample
+from latentrag.evaluation.substitutes import MAX_SIMILARITY, SubstitutePool, answer_kind
 
 MATCHES = ("em", "contained")
+PAIRINGS = ("typed", "coarse")
 OUTCOMES = ("follows", "stays", "other")
 _WORD = r"[\p{L}\p{N}\p{M}]"
 
@@ -53,6 +61,8 @@ class Swap:
     dataset: str = ""
     original_prediction: str = ""
     stated: str = ""  # the gold alias the index states most often: what another question gets as substitute
+    similarity: float | None = None  # typed pairing: cosine of the substitute to `stated` (document tower)
+    evidence_has_answer: bool | None = None  # the original answer's top-p(z|x,y) passage holds a gold answer
 
 
 def _check_match(match: str) -> None:
@@ -71,14 +81,6 @@ def outcome(prediction: str, golds: Sequence[str], substitute: str, match: str =
     or 'other' (neither, or — under `contained` — both)."""
     new, old = answered(prediction, [substitute], match), answered(prediction, golds, match)
     return "follows" if new and not old else "stays" if old and not new else "other"
-
-
-def answer_kind(answer: str) -> str:
-    """Coarse kind used to pair substitutes: 'number' (has a digit), 'name' (every word capitalised), 'phrase'."""
-    if any(ch.isdigit() for ch in answer):
-        return "number"
-    words = [w for w in answer.split() if w[:1].isalpha()]
-    return "name" if words and all(w[0].isupper() for w in words) else "phrase"
 
 
 def alias_pattern(alias: str) -> str:
@@ -134,8 +136,10 @@ def select_questions(
         for ex, answer in zip(hits, answers, strict=True):
             if answered(answer.text, ex.answers, match):
                 counts["answered"] += 1
+                top = answer.evidence_passage()
                 kept.append(Swap(ex.id, ex.question, list(ex.answers), dataset=dataset,
-                                 original_prediction=answer.text))
+                                 original_prediction=answer.text,
+                                 evidence_has_answer=None if top is None else M.has_answer(top.text, ex.answers)))
     return kept, counts
 
 
@@ -144,13 +148,16 @@ def _own_aliases(swap: Swap) -> set[str]:
 
 
 def plan_swaps(
-    selected: Sequence[Swap], finder, retrieved_rows: dict[str, list[int]], texts: Sequence[str], seed: int = 0
+    selected: Sequence[Swap], finder, retrieved_rows: dict[str, list[int]], texts: Sequence[str], seed: int = 0,
+    pool: SubstitutePool | None = None,
 ) -> tuple[list[Swap], list[dict]]:
     """Step 2: the passages holding each question's answer and a substitute for it; (kept, dropped with why).
 
     `finder` is an `AnswerFinder` over the index's passage texts `texts`; `retrieved_rows[id]` are the rows
     the model retrieved for that question with the original index. Questions sharing a gold alias with an
-    earlier one are dropped (one passage cannot state two substitutes for the same words).
+    earlier one are dropped (one passage cannot state two substitutes for the same words). With a `pool`
+    the pairing is typed (the nearest same-type answer of the pool), else coarse (another kept question's
+    answer, seeded shuffle).
     """
     kept, dropped, seen = [], [], {}
     for s in selected:
@@ -173,6 +180,8 @@ def plan_swaps(
         counts = [(sum(M.has_answer(texts[r], [g]) for r in rows), len(g)) for g in s.golds]
         stated = s.golds[max(range(len(s.golds)), key=lambda i: counts[i])]
         kept.append(Swap(**{**asdict(s), "rows": rows, "stated": stated}))
+    if pool is not None:
+        return _typed_pairs(kept, pool, retrieved_rows, texts, dropped)
     rng = random.Random(seed)
     pool = [(s.id, s.stated) for s in kept]
     rows_of = {s.id: set(s.rows) for s in kept}
@@ -187,11 +196,8 @@ def plan_swaps(
         for other, a in candidates:
             if rows_of[other] & rows_of[s.id]:
                 continue  # it would be written into a passage that must lose the other question's answer
-            # never a substitute that holds one of the golds as words, or is held by one, or sits in the question
-            if M.has_answer(a, s.golds) or any(M.has_answer(g, [a]) for g in s.golds) or M.has_answer(s.question, [a]):
+            if _unfit(s, a, read, texts):
                 continue
-            if any(M.has_answer(texts[r], [a]) for r in read):
-                continue  # already stated in a passage the model read the answer from
             score = (answer_kind(a) != kind, sum(M.has_answer(texts[r], [a]) for r in s.rows))
             if best_score is None or score < best_score:
                 best, best_score = a, score
@@ -201,6 +207,40 @@ def plan_swaps(
             dropped.append({"id": s.id, "reason": "no substitute", "why": "no substitute fits"})
             continue
         paired.append(Swap(**{**asdict(s), "substitute": best}))
+    return paired, dropped
+
+
+def _unfit(s: Swap, substitute: str, read: Sequence[int], texts: Sequence[str]) -> bool:
+    """A substitute that holds a gold answer as words or is held by one, sits in the question, or is already
+    stated in a passage the model read the answer from would test nothing."""
+    return (M.has_answer(substitute, s.golds) or any(M.has_answer(g, [substitute]) for g in s.golds)
+            or M.has_answer(s.question, [substitute]) or any(M.has_answer(texts[r], [substitute]) for r in read))
+
+
+def _typed_pairs(kept: Sequence[Swap], pool: SubstitutePool, retrieved_rows: dict[str, list[int]],
+                 texts: Sequence[str], dropped: list[dict]) -> tuple[list[Swap], list[dict]]:
+    """Typed pairing: each question gets the nearest acceptable same-type answer of `pool` to the answer its
+    passages state. A substitute that is another kept question's answer must not be written into a passage
+    that has to lose it."""
+    rows_of_alias: dict[str, set[int]] = {}
+    for s in kept:
+        for a in _own_aliases(s):
+            rows_of_alias.setdefault(a, set()).update(s.rows)
+    paired = []
+    for s, ranked in zip(kept, pool.ranked([s.stated for s in kept]), strict=True):
+        mine = set(s.rows)
+        read = [r for r in retrieved_rows.get(s.id, ()) if r in mine]
+
+        def accept(a: str, s=s, mine=mine, read=read) -> bool:
+            return not (rows_of_alias.get(M.normalize_answer(a), set()) & mine) and not _unfit(s, a, read, texts)
+
+        choice = SubstitutePool.choose(ranked, s.golds, accept)
+        if choice is None:
+            dropped.append({"id": s.id, "reason": "no substitute",
+                            "why": "no same-type answer of the pool fits"})
+            continue
+        similarity = next(sim for a, sim in ranked if a == choice)
+        paired.append(Swap(**{**asdict(s), "substitute": choice, "similarity": round(similarity, 4)}))
     return paired, dropped
 
 
@@ -252,7 +292,29 @@ def summarise(records: Sequence[dict], resamples: int = 2000, seed: int = 0) -> 
         sum(r["outcome"] == "follows" for r in reached) / len(reached) if reached else None
     )
     out["original_still_retrieved"] = sum(r["swapped_retrieved_original"] for r in records) / n if n else None
+    # attribution: the top-p(z|x,y) passage of the answer before the swap holds the gold; after it, of the
+    # answers that follow, the top passage is one that was rewritten (None where answers carry no evidence)
+    before = [r["original_evidence_has_answer"] for r in records if r.get("original_evidence_has_answer") is not None]
+    out["evidence_has_answer_before"] = sum(before) / len(before) if before else None
+    after = [r["swapped_evidence_rewritten"] for r in records
+             if r["outcome"] == "follows" and r.get("swapped_evidence_rewritten") is not None]
+    out["evidence_rewritten_when_follows"] = sum(after) / len(after) if after else None
     return out
+
+
+def select_all(model, examples_by_dataset: dict[str, Sequence[QAExample]], k: int | None = None,
+               mode: str | None = None, match: str = "em", max_new_tokens: int = 24, batch_size: int = 4,
+               progress: bool = False) -> tuple[list[Swap], dict]:
+    """Step 1 over several data sets: (kept questions, counts by data set)."""
+    k = model.config.k if k is None else k
+    mode = mode or model.config.mode
+    selected, selection = [], {}
+    for dataset, examples in examples_by_dataset.items():
+        kept, counts = select_questions(model, examples, k, mode, match, max_new_tokens, batch_size, dataset,
+                                        progress)
+        selected += kept
+        selection[dataset] = counts
+    return selected, selection
 
 
 @torch.inference_mode()
@@ -269,8 +331,17 @@ def run_knowledge_swap(
     seed: int = 0,
     resamples: int = 2000,
     progress: bool = False,
+    pairing: str = "typed",
+    pool_answers: Sequence[str] | None = None,
+    max_similarity: float = MAX_SIMILARITY,
+    selected: tuple[list[Swap], dict] | None = None,
 ) -> dict:
     """The whole test (steps 1–4) for a model with its original index loaded; the index is restored after.
+
+    `pairing` 'typed' draws substitutes from `pool_answers` (default: the first gold answer of every example
+    given; nearer than `max_similarity`: an alias, skipped), 'coarse' from the other tested questions' answers (see the module docstring). `selected`: step 1's
+    result (`select_questions` per data set: the kept questions and the counts by data set), to test several
+    pairings on one selection.
 
     The counterfactual index is written to `work_dir` (reused when the edits and source are unchanged).
     Returns the selection counts, dropped questions, outcome rates with 95 % intervals, and per-question
@@ -280,18 +351,17 @@ def run_knowledge_swap(
     from latentrag.retrieval.index.edit import replace_passages
 
     _check_match(match)
+    if pairing not in PAIRINGS:
+        raise LatentRagError(f"unknown pairing '{pairing}': choose one of {', '.join(PAIRINGS)}")
     k = model.config.k if k is None else k
     mode = mode or model.config.mode
     original = model.retriever.index
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        selected, selection = [], {}
-        for dataset, examples in examples_by_dataset.items():
-            kept, counts = select_questions(model, examples, k, mode, match, max_new_tokens, batch_size, dataset,
-                                            progress)
-            selected += kept
-            selection[dataset] = counts
+        if selected is None:
+            selected = select_all(model, examples_by_dataset, k, mode, match, max_new_tokens, batch_size, progress)
+        selected, selection = selected
         if len(selected) < 2:
             raise LatentRagError(
                 f"only {len(selected)} question(s) have the answer retrieved and answered right ({selection}): the "
@@ -305,7 +375,13 @@ def run_knowledge_swap(
             batch = selected[start : start + 64]
             ids = model.retrieve([s.question for s in batch], k=k).ids
             retrieved_rows.update((s.id, row.tolist()) for s, row in zip(batch, ids, strict=True))
-        swaps, dropped = plan_swaps(selected, finder, retrieved_rows, texts, seed)
+        pool = None
+        if pairing == "typed":
+            if pool_answers is None:
+                pool_answers = [ex.answers[0] for examples in examples_by_dataset.values() for ex in examples
+                                if ex.answers and not ex.regex]
+            pool = SubstitutePool(pool_answers, model.document_encoder(), max_similarity, progress=progress)
+        swaps, dropped = plan_swaps(selected, finder, retrieved_rows, texts, seed, pool=pool)
         edits, swaps, more = counterfactual_edits(swaps, texts)
         dropped += more
         if not swaps:
@@ -314,11 +390,13 @@ def run_knowledge_swap(
         counterfactual = replace_passages(original, {ids[r]: t for r, t in edits.items()}, Path(work_dir),
                                           model.document_encoder(), progress=progress)
         model.swap_index(counterfactual)
+        rewritten = {ids[r] for r in edits}
         records = []
         for start in range(0, len(swaps), batch_size):
             batch = swaps[start : start + batch_size]
             answers = model.generate([s.question for s in batch], mode=mode, k=k, max_new_tokens=max_new_tokens)
             for s, a in zip(batch, answers, strict=True):
+                top = a.evidence_passage()
                 records.append({
                     "id": s.id, "dataset": s.dataset, "question": s.question, "gold": s.golds, "stated": s.stated,
                     "substitute": s.substitute, "original_prediction": s.original_prediction,
@@ -326,6 +404,9 @@ def run_knowledge_swap(
                     "edited_passages": len(s.rows),
                     "swapped_retrieved_substitute": any(M.has_answer(p.text, [s.substitute]) for p in a.passages),
                     "swapped_retrieved_original": any(M.has_answer(p.text, s.golds) for p in a.passages),
+                    "kind": answer_kind(s.stated), "similarity": s.similarity,
+                    "original_evidence_has_answer": s.evidence_has_answer,
+                    "swapped_evidence_rewritten": None if top is None else top.id in rewritten,
                 })
     finally:
         model.swap_index(original)
@@ -334,7 +415,8 @@ def run_knowledge_swap(
     per_dataset = {d: summarise([r for r in records if r["dataset"] == d], resamples, seed)
                    for d in examples_by_dataset}
     return {
-        "settings": {"k": k, "mode": mode, "match": match, "max_new_tokens": max_new_tokens, "seed": seed},
+        "settings": {"k": k, "mode": mode, "match": match, "max_new_tokens": max_new_tokens, "seed": seed,
+                     "pairing": pairing, "pool": None if pool is None else len(pool)},
         "selection": selection,
         "selected": len(selected),
         "dropped": dropped,

@@ -31,14 +31,22 @@ def answer_kind(answer: str) -> str:
     return "name" if words and all(w[0].isupper() for w in words) else "phrase"
 
 
+# particles shared by unrelated names ("Ludwig van Beethoven" / "Vincent van Gogh"): no evidence of an alias
+PARTICLES = frozenset("of and in on at to for by de del della der den des di du da van von la le el al st saint"
+                      .split())
+
+
 def _words(answer: str, kind: str) -> set[str]:
     words = set(M.normalize_answer(answer).split())
-    return {w for w in words if any(ch.isdigit() for ch in w)} if kind == "number" else words
+    if kind == "number":
+        return {w for w in words if any(ch.isdigit() for ch in w)}
+    return (words - PARTICLES) or words
 
 
 def is_alias_of(candidate: str, golds: Sequence[str]) -> bool:
     """The candidate is too close to a gold answer to replace it: equal after SQuAD normalisation, or they
-    share a word ("Nolan North" / "David Nolan"; for numbers, a number: "June 4, 2018" / "June 22, 2018")."""
+    share a word other than a particle ("Nolan North" / "David Nolan"; for numbers, a number: "June 4, 2018" /
+    "June 22, 2018")."""
     kind = answer_kind(candidate)
     mine = _words(candidate, kind)
     return not mine or any(mine & _words(g, kind) or M.normalize_answer(g) == M.normalize_answer(candidate)

@@ -122,6 +122,8 @@ class TrainSettings:
             raise LatentRagError(f"--retrieval-scale must be positive, got {self.retrieval_scale}")
         if self.scale_lr is not None and self.scale_lr <= 0:
             raise LatentRagError(f"--scale-lr must be positive, got {self.scale_lr}")
+        if self.scale_lr is not None and not self.learn_retrieval_scale:
+            raise LatentRagError("--scale-lr is the learning rate of a learned scale: add --learn-retrieval-scale")
         if not 0.0 <= self.counterfactual <= 1.0:
             raise LatentRagError(f"--counterfactual is a share between 0 and 1, got {self.counterfactual}")
         if self.closed_book and (self.reading_filter or self.counterfactual):

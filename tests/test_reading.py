@@ -1,0 +1,187 @@
+"""Training that teaches reading (issue 18), on tiny random models: same-type substitutes, the reading filter,
+counterfactual augmentation, the retrieval scale's own learning rate, and the evidence of an answer."""
+
+import json
+
+import pytest
+import torch
+from test_training import _settings, parts  # noqa: F401  (the module fixture)
+from tiny_models import QUESTIONS, tiny_dense_encoder
+
+from latentrag.errors import LatentRagError
+from latentrag.evaluation import metrics as M
+from latentrag.evaluation.evaluate import reading_scores
+from latentrag.evaluation.substitutes import SubstitutePool, answer_kind, is_alias_of
+from latentrag.marginals import answer_posterior, sequence_posterior
+from latentrag.training import train
+from latentrag.training.data import ExampleStream, TrainPair
+from latentrag.training.reading import ReadingSelector, answer_read, build_substitutes
+from latentrag.training.trainer import Objective, _optimizer, build_model
+
+
+# ---- substitutes --------------------------------------------------------------------------------------
+def test_answer_kinds_and_aliases():
+    assert [answer_kind(a) for a in ("1966", "Pink Floyd", "gastrointestinal tract")] == ["number", "name", "phrase"]
+    assert is_alias_of("David Nolan", ["Nolan North"])  # a shared word: likely the same answer
+    assert is_alias_of("june 22, 2018", ["June 4, 2018"])  # numbers: a shared number
+    assert is_alias_of("The Beatles", ["Beatles"])
+    assert not is_alias_of("1960", ["1966"])
+    assert not is_alias_of("Vincent van Gogh", ["Ludwig van Beethoven"])  # a particle is no evidence
+    assert not is_alias_of("Aerosmith", ["Pink Floyd"])
+
+
+def test_the_pool_ranks_only_answers_of_the_same_kind_and_not_too_near():
+    encoder = tiny_dense_encoder("dpr-context", seed=1)
+    answers = ["Paris", "1969", "Neil Armstrong", "the river bank", "1815", "London", "Paris"]
+    pool = SubstitutePool(answers, encoder, max_similarity=1.0)
+    assert len(pool) == 6  # duplicates (after normalisation) once
+    ranked = pool.ranked(["Berlin", "1945", "a long way"])
+    assert {a for a, _ in ranked[0]} == {"Paris", "Neil Armstrong", "London"}
+    assert {a for a, _ in ranked[1]} == {"1969", "1815"}
+    assert [a for a, _ in ranked[2]] == ["the river bank"]
+    assert all(s1 >= s2 for row in ranked for (_, s1), (_, s2) in zip(row, row[1:]))  # nearest first
+    strict = SubstitutePool(answers, encoder, max_similarity=-1.0)  # everything is "too near": nothing offered
+    assert strict.ranked(["Berlin"]) == [[]]
+    assert SubstitutePool.choose(ranked[0], ["Paris"]) != "Paris"
+    assert SubstitutePool.choose(ranked[0], ["Berlin"], accept=lambda a: a == "London") == "London"
+    assert SubstitutePool.choose(ranked[0], ["Berlin"], accept=lambda a: False) is None
+
+
+# ---- what a step trains on ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(parts):  # noqa: F811
+    settings = _settings(parts, parts / "unused")
+    return build_model(settings, str(parts / "index"), torch.device("cpu"))
+
+
+def _pairs(parts):  # noqa: F811
+    rows = [json.loads(line) for line in (parts / "train.jsonl").read_text().splitlines()]
+    return [TrainPair(r["id"], r["question"], r["answers"][0], r["answers"]) for r in rows]
+
+
+def test_without_options_the_stream_is_taken_as_it_comes(parts, model):  # noqa: F811
+    pairs = _pairs(parts)
+    selector = ReadingSelector(model, k=3)
+    batch = selector.take(ExampleStream(pairs, seed=0, position=0), 4)
+    assert not selector.active and batch.drawn == 4 and batch.rewrites == [None] * 4
+    assert [p.id for p in batch.pairs] == [p.id for p in ExampleStream(pairs, seed=0, position=0).take(4)]
+
+
+def test_the_reading_filter_keeps_only_questions_whose_answer_is_read(parts, model):  # noqa: F811
+    pairs = _pairs(parts)
+    selector = ReadingSelector(model, k=1, reading_filter=True)
+    stream = ExampleStream(pairs, seed=0, position=0)
+    batch = selector.take(stream, 4)
+    assert len(batch.pairs) == 4 and batch.drawn >= 4 and batch.stats["kept"] == 4 / batch.drawn
+    retrieved = model.retrieve([p.question for p in batch.pairs], 1).passages
+    assert all(answer_read(ps, p.answers) for p, ps in zip(batch.pairs, retrieved, strict=True))
+    # those it skipped were not read
+    skipped = [p for p in ExampleStream(pairs, seed=0, position=0).take(batch.drawn)
+               if p.id not in {q.id for q in batch.pairs}]
+    for p, ps in zip(skipped, model.retrieve([p.question for p in skipped], 1).passages, strict=True):
+        assert not answer_read(ps, p.answers)
+    # deterministic: the same stream position gives the same batch
+    again = ReadingSelector(model, k=1, reading_filter=True).take(ExampleStream(pairs, seed=0, position=0), 4)
+    assert [p.id for p in again.pairs] == [p.id for p in batch.pairs]
+
+
+def test_nothing_ever_read_is_a_clear_error(parts, model):  # noqa: F811
+    pairs = [TrainPair(f"x{i}", q, "Zanzibar", ["Zanzibar"]) for i, q in enumerate(QUESTIONS)]
+    with pytest.raises(LatentRagError, match="leaves nothing to train on"):
+        ReadingSelector(model, k=1, reading_filter=True).take(ExampleStream(pairs, seed=0, position=0), 2)
+
+
+def test_counterfactuals_rewrite_the_passages_read_and_train_toward_the_substitute(parts, model):  # noqa: F811
+    pairs = _pairs(parts)
+    substitutes = build_substitutes(pairs, tiny_dense_encoder("dpr-context", seed=1))
+    for pair in pairs:  # a random tiny tower puts every answer "too near": offer them all, same kind first
+        substitutes[pair.id] = [(a, 0.0) for a in ("Neil Armstrong", "Paris", "the Nile", "Mount Everest",
+                                                    "William Shakespeare") if answer_kind(a) == answer_kind(pair.answer)]
+    selector = ReadingSelector(model, k=3, reading_filter=True, counterfactual=1.0, substitutes=substitutes)
+    batch = selector.take(ExampleStream(pairs, seed=0, position=0), 4)
+    changed = [(p, r, t) for p, r, t in zip(batch.pairs, batch.rewrites, batch.targets, strict=True) if r]
+    assert changed and batch.stats["counterfactual"] == len(changed)
+    from latentrag.training.reading import rewrite_passages
+
+    for pair, (golds, substitute), target in changed:
+        assert target == substitute and not is_alias_of(substitute, pair.answers)
+        read = rewrite_passages(model.retrieve([pair.question], 3).passages[0], (golds, substitute))
+        assert not answer_read(read, pair.answers) and answer_read(read, [substitute])
+    # the objective reads the rewritten passages: its loss is the model's on them, toward the substitute
+    objective = Objective(model, "token", 3, closed_book=False)
+    questions = [p.question for p, _, _ in changed]
+    with torch.no_grad():
+        got = objective(questions, [t for _, _, t in changed], [r for _, r, _ in changed])
+        retrieved = model.retrieve(questions, 3)
+        retrieved.passages = [rewrite_passages(ps, r) for ps, (_, r, _) in zip(retrieved.passages, changed,
+                                                                              strict=True)]
+        want = model(questions, [t for _, _, t in changed], mode="token", retrieved=retrieved)
+    torch.testing.assert_close(got, want)
+
+
+def test_bad_reading_settings_are_refused(parts, tmp_path):  # noqa: F811
+    for kw, message in (({"counterfactual": 1.5}, "between 0 and 1"),
+                        ({"closed_book": True, "reading_filter": True}, "not with --closed-book"),
+                        ({"scale_lr": 0.0, "learn_retrieval_scale": True}, "--scale-lr must be positive"),
+                        ({"scale_lr": 1e-2}, "add --learn-retrieval-scale")):
+        with pytest.raises(LatentRagError, match=message):
+            _settings(parts, tmp_path / "a", **kw).check()
+
+
+def test_the_retrieval_scale_gets_its_own_learning_rate(parts):  # noqa: F811
+    settings = _settings(parts, parts / "unused2", learn_retrieval_scale=True, scale_lr=0.5)
+    model = build_model(settings, str(parts / "index"), torch.device("cpu"))
+    optimizer, _ = _optimizer(model, settings, total_steps=10)
+    own = [g for g in optimizer.param_groups if any(p is model.retriever.log_scale for p in g["params"])]
+    assert len(own) == 1 and own[0]["params"] == [model.retriever.log_scale] and own[0]["initial_lr"] == 0.5
+    assert own[0]["weight_decay"] == 0.0
+
+
+def test_a_run_with_filter_and_counterfactuals_logs_what_it_kept(parts, tmp_path):  # noqa: F811
+    settings = _settings(parts, tmp_path / "run", steps=2, eval_every=2, reading_filter=True, counterfactual=0.5,
+                         learn_retrieval_scale=True, scale_lr=1e-2)
+    train(settings, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r and "step" in r and "val" not in r]
+    assert steps and all(0 < r["kept"] <= 1 and r["counterfactual"] >= 0 for r in steps)
+    val = next(r["val"] for r in log if "val" in r)
+    assert "recall@1" in json.dumps(val) and "reading" in json.dumps(val)
+
+
+# ---- evidence -----------------------------------------------------------------------------------------
+def test_answer_posterior_is_bayes_over_whole_answers():
+    log_prior = torch.log_softmax(torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), -1)
+    token_logprobs = torch.log_softmax(torch.randn(2, 3, 4, 7, generator=torch.Generator().manual_seed(1)), -1)[..., 0]
+    got = answer_posterior(log_prior, token_logprobs)
+    want = (log_prior + token_logprobs.sum(-1)).exp()
+    torch.testing.assert_close(got, want / want.sum(-1, keepdim=True))
+    torch.testing.assert_close(got, sequence_posterior(log_prior, token_logprobs.sum(-1)))
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_every_answer_names_its_evidence(model, mode):
+    answers = model.generate(QUESTIONS[:2], mode=mode, k=3, max_new_tokens=3)
+    for a in answers:
+        assert len(a.evidence) == 3 and abs(sum(a.evidence) - 1) < 1e-5
+        assert a.evidence_passage() is a.passages[max(range(3), key=a.evidence.__getitem__)]
+        if mode == "sequence":
+            assert a.evidence == a.posterior
+        assert a.to_json()["evidence"] == a.evidence
+
+
+def test_reading_scores():
+    def record(correct, passages):
+        return {"correct": correct, "gold": ["Paris"], "passages": passages}
+
+    paris = {"text": "Paris is the capital.", "evidence": 0.9}
+    rome = {"text": "Rome is old.", "evidence": 0.1}
+    records = [record(1.0, [paris, rome]),  # read, right, evidence holds it
+               record(0.0, [dict(paris, evidence=0.2), dict(rome, evidence=0.8)]),  # read, wrong
+               record(1.0, [dict(paris, evidence=0.3), dict(rome, evidence=0.7)]),  # right, evidence elsewhere
+               record(1.0, [rome])]  # right without reading it
+    scores = reading_scores(records)
+    assert scores["answer_read"] == 0.75 and scores["reading_accuracy"] == pytest.approx(2 / 3)
+    assert scores["attributed_answers"] == 3 and scores["attribution"] == pytest.approx(1 / 3)
+    assert M.has_answer(paris["text"], ["Paris"])
+    none = reading_scores([{"correct": 1.0, "gold": ["x"], "passages": []}])
+    assert none["reading_accuracy"] is None and none["attribution"] is None
