@@ -39,7 +39,7 @@ def test_the_pool_ranks_only_answers_of_the_same_kind_and_not_too_near():
     assert {a for a, _ in ranked[0]} == {"Paris", "Neil Armstrong", "London"}
     assert {a for a, _ in ranked[1]} == {"1969", "1815"}
     assert [a for a, _ in ranked[2]] == ["the river bank"]
-    assert all(s1 >= s2 for row in ranked for (_, s1), (_, s2) in zip(row, row[1:]))  # nearest first
+    assert all(s1 >= s2 for row in ranked for (_, s1), (_, s2) in zip(row, row[1:], strict=False))  # nearest first
     strict = SubstitutePool(answers, encoder, max_similarity=-1.0)  # everything is "too near": nothing offered
     assert strict.ranked(["Berlin"]) == [[]]
     assert SubstitutePool.choose(ranked[0], ["Paris"]) != "Paris"

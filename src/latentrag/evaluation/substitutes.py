@@ -32,8 +32,8 @@ def answer_kind(answer: str) -> str:
 
 
 # particles shared by unrelated names ("Ludwig van Beethoven" / "Vincent van Gogh"): no evidence of an alias
-PARTICLES = frozenset("of and in on at to for by de del della der den des di du da van von la le el al st saint"
-                      .split())
+PARTICLES = frozenset({"of", "and", "in", "on", "at", "to", "for", "by", "de", "del", "della", "der", "den", "des",
+                       "di", "du", "da", "van", "von", "la", "le", "el", "al", "st", "saint"})
 
 
 def _words(answer: str, kind: str) -> set[str]:
