@@ -186,14 +186,21 @@ class RagModel(nn.Module):
         bases = {role: Base.named(getattr(config, role)) for role in ("query_encoder", "generator")}
         config = replace(config, document_encoder=Base.named(config.document_encoder).name,
                          **{role: base.name for role, base in bases.items()})
-        document_tower = None
-        if not config.document_encoder_identity:  # a new model pairs with the tower named in its config
-            document_tower = freeze(DenseEncoder.from_pretrained(config.document_encoder))
-            config = replace(config, document_encoder_identity=document_tower.identity())
         query_encoder = load_part("query_encoder", PartDescription(base=bases["query_encoder"]))
         generator = load_part("generator", PartDescription(base=bases["generator"]),
                               max_input_length=config.max_input_length)
+        return cls.assemble(config, query_encoder, generator, index)
+
+    @classmethod
+    def assemble(cls, config: RagConfig, query_encoder: DenseEncoder, generator: Generator,
+                 index: str | Path | Searcher | None = None) -> RagModel:
+        """The model of loaded parts under `config`: its retriever, and the document tower when the config does
+        not yet record the one the index pairs with (a new model pairs with the tower its config names)."""
         rag_type(config.mode).check_generator(generator)  # a 'fid' config needs a seq2seq generator
+        document_tower = None
+        if not config.document_encoder_identity:
+            document_tower = freeze(DenseEncoder.from_pretrained(config.document_encoder))
+            config = replace(config, document_encoder_identity=document_tower.identity())
         retriever = Retriever(query_encoder, config.document_encoder_identity, scale=config.retrieval_scale,
                               learn_scale=config.learn_retrieval_scale)
         model = cls(retriever, generator, config, document_tower)

@@ -345,7 +345,6 @@ def load_folder(directory: str | Path, index=None, **overrides):
     """A RagModel from a folder `save_folder` (or an earlier version) wrote; `overrides` (RagConfig fields) are
     applied while it is built (the generator reads `max_input_length` tokens from the start)."""
     from latentrag.model import RagConfig, RagModel, check_overrides
-    from latentrag.retrieval.retriever import Retriever
 
     directory = Path(directory).expanduser()
     path = directory / CONFIG_FILE
@@ -364,15 +363,4 @@ def load_folder(directory: str | Path, index=None, **overrides):
     labels = {role: d.base.label if d.base is not None else str((directory / d.weights).resolve())
               for role, d in descriptions.items()}
     config = replace(config, **{**labels, "max_input_length": generator.max_input_length, **overrides})
-    document_tower = None
-    if not config.document_encoder_identity:
-        from latentrag.retrieval.encoders import DenseEncoder, freeze
-
-        document_tower = freeze(DenseEncoder.from_pretrained(config.document_encoder))
-        config = replace(config, document_encoder_identity=document_tower.identity())
-    retriever = Retriever(query_encoder, config.document_encoder_identity, scale=config.retrieval_scale,
-                          learn_scale=config.learn_retrieval_scale)
-    model = RagModel(retriever, generator, config, document_tower)
-    if index is not None:
-        model.swap_index(index)
-    return model
+    return RagModel.assemble(config, query_encoder, generator, index)
