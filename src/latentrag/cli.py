@@ -139,9 +139,9 @@ def cmd_ask(args) -> int:
         print(json.dumps(answer.to_json(), indent=2, ensure_ascii=False))
         return 0
     print(f"Q: {answer.question}\nA: {answer.text}\n")
-    if answer.mode == "sequence":  # p(z|x,y): which passage the whole answer came from
-        evidence, label = answer.posterior, "p(z|x,y)"
-    elif answer.mode == "token":  # RAG-Token: p(z|x,y_≤i) averaged over the answer's tokens
+    if answer.evidence:  # p(z|x,y): which passage the whole answer came from (marginals.answer_posterior)
+        evidence, label = answer.evidence, "p(z|x,y)"
+    elif answer.mode == "token":  # RAG-Token without per-passage likelihoods: p(z|x,y_≤i) averaged over tokens
         rows = answer.posterior or [[0.0] * len(answer.passages)]
         evidence = [sum(col) / len(rows) for col in zip(*rows, strict=True)]
         label = "avg p(z|x,y_≤i)"

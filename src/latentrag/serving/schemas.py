@@ -85,6 +85,9 @@ class AskResponse(BaseModel):
     passages: list[PassageOut]
     posterior: list = Field(..., description="RAG-Token: p(z|x,y_≤i) per token (T×k); RAG-Sequence: p(z|x,y) (k); "
                                              "concat, fid: [] (all passages read at once, nothing to infer)")
+    evidence: list[float] = Field(default_factory=list,
+                                  description="p(z|x,y) over the k passages for the whole answer: its most probable "
+                                  "passage is the answer's evidence (RAG-Token, RAG-Sequence; [] for concat, fid)")
     index: IndexRef
     timings: Timings
 
