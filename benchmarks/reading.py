@@ -1,0 +1,125 @@
+"""Does the model read? The reading recipes side by side (issue 18): writes benchmarks/results/reading.md.
+
+    python benchmarks/reading.py commands     # every row's training, evaluation and swap commands
+    python benchmarks/reading.py report       # the table, from whatever has finished
+
+Rows share the shipped default's schedule (answerable nq-dev + trivia-dev, seed 0, 300 steps of 4 questions,
+RAG-Token, k = 3, LoRA r = 16 on both towers, s learned from 20) and add the reading options
+(`latentrag.training.reading`). Each is evaluated on the first N answerable questions of trivia-test and nq-test
+(`latentrag eval`: EM with a 95 % bootstrap interval, reading accuracy = EM on the questions whose answer is in
+the 3 passages read, attribution = share of right answers whose top-p(z|x,y) passage holds the answer) and by
+the knowledge swap (`benchmarks/knowledge_swap.py`: typed and coarse pairing). A row's missing figures show as –.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+EVALS = Path("eval-runs/reading")
+SCHEDULE = ["--train", "nq-dev,trivia-dev", "--answerable-only", "--mode", "token", "--k", "3", "--steps", "300",
+            "--batch-size", "4", "--lora-rank", "16", "--retrieval-scale", "20", "--learn-retrieval-scale",
+            "--val-questions", "50", "--eval-every", "100", "--save-every", "25", "--seed", "0"]
+READING = ["--scale-lr", "5e-3", "--precision", "bf16"]
+# name, what, train options beyond SCHEDULE (None: a model folder evaluated as it is), model, questions, swap stems
+ROWS = [
+    ("v1", "today's recipe (the previous shipped default: fp32, s at the LoRA rate)", None,
+     "runs/default-v1-model", 300, ("knowledge-swap-v1", "knowledge-swap-v1-coarse")),
+    ("filter", "+ reading filter (+ s at its own rate, bf16)", [*READING, "--reading-filter"], "runs/reading/filter/model",
+     300, ("knowledge-swap-filter", "knowledge-swap-filter-coarse")),
+    ("default", "+ reading filter + counterfactuals (½ of the read questions): **the new shipped default**",
+     [*READING, "--reading-filter", "--counterfactual", "0.5"], "runs/default2/model", 500,
+     ("knowledge-swap", "knowledge-swap-coarse")),
+]
+
+
+def _scores(name: str, dataset: str, limit: int = 300) -> dict | None:
+    """EM (95 % bootstrap interval), reading accuracy and attribution on the first `limit` questions of a
+    finished evaluation (every row on the same questions); None while it is not finished."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from latentrag.evaluation.evaluate import read_predictions, reading_scores, score_record
+    from latentrag.evaluation.metrics import bootstrap_interval
+
+    folder = ROOT / EVALS / f"{name}-{dataset}"
+    if not (folder / "metrics.json").is_file():
+        return None
+    records = [score_record(r) for r in read_predictions(folder / "predictions.jsonl")][:limit]
+    values = [float(r["correct"]) for r in records]
+    low, high = bootstrap_interval(values, resamples=2000, seed=0)
+    return {"em": f"{100 * sum(values) / len(values):.1f} [{100 * low:.1f}, {100 * high:.1f}]", "n": len(values),
+            **reading_scores(records)}
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _swap(stem: str) -> str:
+    path = RESULTS / f"{stem}.json"
+    if not path.is_file():
+        return "–"
+    o = json.loads(path.read_text())["overall"]
+    low, high = o["follows"]["ci95"]
+    return f"{100 * o['follows']['rate']:.1f} [{100 * low:.0f}, {100 * high:.0f}] of {o['n']}"
+
+
+def commands(threads: int = 2) -> list[str]:
+    out = []
+    for name, _, train, model, n, stems in ROWS:
+        out.append(f"# {name}")
+        if train is not None:
+            run = str(Path(model).parent)
+            out.append(shlex.join(["latentrag", "--threads", str(threads), "train", *SCHEDULE, *train, "--out", run,
+                                   "--resume"]))
+        for dataset in ("trivia", "nq"):
+            out.append(shlex.join(["latentrag", "--threads", str(threads), "eval", "--model", model, "--dataset",
+                                   f"{dataset}-test", "--answerable-only", "--limit", str(n), "--out",
+                                   str(EVALS / f"{name}-{dataset}"), "--resume"]))
+        out.append(shlex.join(["python", "benchmarks/knowledge_swap.py", "--model", model, "--limit", "300",
+                               "--threads", str(threads), "--out", f"benchmarks/results/{stems[0]}"]))
+    return out
+
+
+def report() -> str:
+    lines = [
+        "# Does the model read? Reading recipes at equal steps",
+        "",
+        __doc__.split("\n\n")[2].replace("\n", " "),
+        "",
+        "All figures on the first 300 answerable questions of each test split (the shipped default is evaluated on "
+        "500 in training.md); swaps: `--limit 300` per split, every question the model answered right with the "
+        "true index and whose answer was read is tested.",
+        "",
+        "| recipe | TriviaQA EM | NQ EM | reading acc. TriviaQA | reading acc. NQ | attribution TriviaQA | "
+        "attribution NQ | swap, typed: follows % | swap, coarse: follows % |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for name, what, _, _, _, stems in ROWS:
+        t, q = _scores(name, "trivia") or {}, _scores(name, "nq") or {}
+        lines.append(f"| {what} | {t.get('em', '–')} | {q.get('em', '–')} | "
+                     f"{_pct(t.get('reading_accuracy'))} | {_pct(q.get('reading_accuracy'))} | "
+                     f"{_pct(t.get('attribution'))} | {_pct(q.get('attribution'))} | {_swap(stems[0])} | {_swap(stems[1])} |")
+    lines += ["", "Commands (each row; `runs/default-v1-model` is the previous `src/latentrag/default_model`):", "", "```",
+              *commands(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["report", "commands"])
+    args = parser.parse_args(argv)
+    if args.action == "commands":
+        print("\n".join(commands()))
+        return 0
+    (RESULTS / "reading.md").write_text(report())
+    print(f"wrote {RESULTS / 'reading.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
