@@ -32,6 +32,8 @@ ROWS = [
      "runs/default-v1-model", 300, ("knowledge-swap-v1", "knowledge-swap-v1-coarse")),
     ("filter", "+ reading filter (+ s at its own rate, bf16)", [*READING, "--reading-filter"], "runs/reading/filter/model",
      300, ("knowledge-swap-filter", "knowledge-swap-filter-coarse")),
+    ("cf", "+ counterfactuals (½ of the read questions; + s at its own rate, bf16)", [*READING, "--counterfactual", "0.5"],
+     "runs/reading/cf/model", 300, ("knowledge-swap-cf", "knowledge-swap-cf-coarse")),
     ("default", "+ reading filter + counterfactuals (½ of the read questions): **the new shipped default**",
      [*READING, "--reading-filter", "--counterfactual", "0.5"], "runs/default2/model", 500,
      ("knowledge-swap", "knowledge-swap-coarse")),

@@ -12,47 +12,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import QUESTIONS, tiny_bart, tiny_dense_encoder, tiny_passages
+from tiny_models import QUESTIONS, save_tiny_parts, tiny_dense_encoder, tiny_train_settings
 
 from latentrag.errors import LatentRagError, LatentRagWarning
-from latentrag.retrieval.index import DenseIndex, build_index, replace_passages
+from latentrag.retrieval.index import DenseIndex, replace_passages
 from latentrag.retrieval.retriever import Retriever
-from latentrag.training import TrainSettings, train
 from latentrag.training import checkpoints as ckpt
+from latentrag.training import train
 from latentrag.training.trainer import _check_world, export_checkpoint
 from latentrag.training.validation import validate
-
-ANSWERS = ["Paris", "William Shakespeare", "the Nile", "Mount Everest", "Neil Armstrong"]
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parts")
-    tiny_dense_encoder("dpr-question", seed=0).save_pretrained(root / "q")
-    context = tiny_dense_encoder("dpr-context", seed=1)
-    context.save_pretrained(root / "ctx")
-    model, tok = tiny_bart(seed=2)
-    model.save_pretrained(root / "bart")
-    tok.save_pretrained(root / "bart")
-    build_index(tiny_passages(), context, root / "index", progress=False)
-    with open(root / "train.jsonl", "w") as f:
-        for i in range(20):
-            j = i % len(QUESTIONS)
-            f.write(json.dumps({"id": f"q{i}", "question": QUESTIONS[j] + " " * (i // len(QUESTIONS)),
-                                "answers": [ANSWERS[j]]}) + "\n")
+    root = save_tiny_parts(tmp_path_factory.mktemp("parts"), pairs=20, generators=("bart",))
     with open(root / "unanswerable.jsonl", "w") as f:
         f.write(json.dumps({"id": "u", "question": "What is the airspeed of a swallow?",
                             "answers": ["zyzzyva quokka"]}) + "\n")
     return root
 
 
-def _settings(parts, out, **kw) -> TrainSettings:
-    values = dict(train=str(parts / "train.jsonl"), out=str(out), k=3, steps=4, batch_size=2, eval_every=2,
-                  save_every=2, val_fraction=0.1, val_questions=4, max_new_tokens=4, index=str(parts / "index"),
-                  query_encoder=str(parts / "q"), document_encoder=str(parts / "ctx"), generator=str(parts / "bart"),
-                  lora_rank=4, lr=1e-2)
-    values.update(kw)
-    return TrainSettings(**values)
+_settings = tiny_train_settings
 
 
 def test_no_answerable_validation_question_is_a_clear_error_not_a_zero_division(parts, tmp_path):

@@ -110,7 +110,7 @@ def test_the_shipped_default_is_fine_tuned_small_and_answers_briefly(index_dir):
     model = RagModel.from_pretrained(index=index_dir)
     assert all(len(part.source.adapters) == 1 for _, part in model.parts())  # adapters folded into the bases
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}  # README: loss.backward() trains
-    assert trainable == {name for name, _ in model.named_parameters()} - {"retriever.log_scale"} or \
-        trainable == {name for name, _ in model.named_parameters()}
+    unread = {name for name, _ in model.named_parameters() if ".pooler." in name}  # MiniLM mean-pools: never read
+    assert unread and trainable == {name for name, _ in model.named_parameters()} - unread
     (answer,) = [a.text for a in model.generate([QUESTION], k=2)]
     assert "Kubrick" in answer and len(answer.split()) <= 4, answer  # a span, not the zero-shot sentence

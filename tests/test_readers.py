@@ -314,12 +314,12 @@ def test_the_concatenated_input_holds_every_passage_in_retrieval_order(rag_model
 
 
 def test_a_saved_concat_config_answers_in_its_mode(rag_model, retrieved, monkeypatch):
-    rag_model.config.mode = "concat"
-    try:
-        answers = rag_model.generate(retrieved.questions, retrieved=retrieved)
-        assert all(a.mode == "concat" and a.posterior == [] and a.decoding == "greedy" for a in answers)
-    finally:
-        rag_model.config.mode = "token"
+    from dataclasses import replace
+
+    monkeypatch.setattr(rag_model, "config", replace(rag_model.config, mode="concat"))  # RagConfig is frozen
+    answers = rag_model.generate(retrieved.questions, retrieved=retrieved)
+    assert all(a.mode == "concat" and a.posterior == [] and a.evidence == [] and a.decoding == "greedy"
+               for a in answers)
 
 
 def test_cli_ask_and_eval_take_the_new_modes(rag_model, monkeypatch, capsys, tmp_path):
@@ -376,22 +376,9 @@ def test_the_cli_offers_every_mode():
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    from tiny_models import tiny_bart, tiny_llama
+    from tiny_models import save_tiny_parts
 
-    root = tmp_path_factory.mktemp("parts")
-    tiny_dense_encoder("dpr-question", seed=0).save_pretrained(root / "q")
-    context = tiny_dense_encoder("dpr-context", seed=1)
-    context.save_pretrained(root / "ctx")
-    for name, (model, tok) in (("bart", tiny_bart(seed=2)), ("llama", tiny_llama(seed=3, chat_template=True))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    build_index(tiny_passages(), context, root / "index", progress=False)
-    with open(root / "train.jsonl", "w") as f:
-        for i in range(20):
-            j = i % 3
-            f.write(json.dumps({"id": f"q{i}", "question": QUESTIONS[j] + " " * (i // 3), "answers": [ANSWERS[j]]})
-                    + "\n")
-    return root
+    return save_tiny_parts(tmp_path_factory.mktemp("parts"), pairs=20, cycle=3)
 
 
 def _train_settings(parts, out, **kw):

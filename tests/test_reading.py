@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-from test_training import _settings, parts  # noqa: F401  (the module fixture)
-from tiny_models import QUESTIONS, tiny_dense_encoder
+from tiny_models import QUESTIONS, save_tiny_parts, tiny_dense_encoder, tiny_train_settings
 
 from latentrag.errors import LatentRagError
 from latentrag.evaluation import metrics as M
@@ -17,6 +16,13 @@ from latentrag.training import train
 from latentrag.training.data import ExampleStream, TrainPair
 from latentrag.training.reading import ReadingSelector, answer_read, build_substitutes
 from latentrag.training.trainer import Objective, _optimizer, build_model
+
+_settings = tiny_train_settings
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return save_tiny_parts(tmp_path_factory.mktemp("parts"), pairs=40, generators=("bart",))
 
 
 # ---- substitutes --------------------------------------------------------------------------------------
@@ -49,17 +55,17 @@ def test_the_pool_ranks_only_answers_of_the_same_kind_and_not_too_near():
 
 # ---- what a step trains on ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model(parts):  # noqa: F811
+def model(parts):
     settings = _settings(parts, parts / "unused")
     return build_model(settings, str(parts / "index"), torch.device("cpu"))
 
 
-def _pairs(parts):  # noqa: F811
+def _pairs(parts):
     rows = [json.loads(line) for line in (parts / "train.jsonl").read_text().splitlines()]
     return [TrainPair(r["id"], r["question"], r["answers"][0], r["answers"]) for r in rows]
 
 
-def test_without_options_the_stream_is_taken_as_it_comes(parts, model):  # noqa: F811
+def test_without_options_the_stream_is_taken_as_it_comes(parts, model):
     pairs = _pairs(parts)
     selector = ReadingSelector(model, k=3)
     batch = selector.take(ExampleStream(pairs, seed=0, position=0), 4)
@@ -67,7 +73,7 @@ def test_without_options_the_stream_is_taken_as_it_comes(parts, model):  # noqa:
     assert [p.id for p in batch.pairs] == [p.id for p in ExampleStream(pairs, seed=0, position=0).take(4)]
 
 
-def test_the_reading_filter_keeps_only_questions_whose_answer_is_read(parts, model):  # noqa: F811
+def test_the_reading_filter_keeps_only_questions_whose_answer_is_read(parts, model):
     pairs = _pairs(parts)
     selector = ReadingSelector(model, k=1, reading_filter=True)
     stream = ExampleStream(pairs, seed=0, position=0)
@@ -85,13 +91,13 @@ def test_the_reading_filter_keeps_only_questions_whose_answer_is_read(parts, mod
     assert [p.id for p in again.pairs] == [p.id for p in batch.pairs]
 
 
-def test_nothing_ever_read_is_a_clear_error(parts, model):  # noqa: F811
+def test_nothing_ever_read_is_a_clear_error(parts, model):
     pairs = [TrainPair(f"x{i}", q, "Zanzibar", ["Zanzibar"]) for i, q in enumerate(QUESTIONS)]
     with pytest.raises(LatentRagError, match="leaves nothing to train on"):
         ReadingSelector(model, k=1, reading_filter=True).take(ExampleStream(pairs, seed=0, position=0), 2)
 
 
-def test_counterfactuals_rewrite_the_passages_read_and_train_toward_the_substitute(parts, model):  # noqa: F811
+def test_counterfactuals_rewrite_the_passages_read_and_train_toward_the_substitute(parts, model):
     pairs = _pairs(parts)
     substitutes = build_substitutes(pairs, tiny_dense_encoder("dpr-context", seed=1))
     for pair in pairs:  # a random tiny tower puts every answer "too near": offer them all, same kind first
@@ -119,7 +125,7 @@ def test_counterfactuals_rewrite_the_passages_read_and_train_toward_the_substitu
     torch.testing.assert_close(got, want)
 
 
-def test_bad_reading_settings_are_refused(parts, tmp_path):  # noqa: F811
+def test_bad_reading_settings_are_refused(parts, tmp_path):
     for kw, message in (({"counterfactual": 1.5}, "between 0 and 1"),
                         ({"closed_book": True, "reading_filter": True}, "not with --closed-book"),
                         ({"scale_lr": 0.0, "learn_retrieval_scale": True}, "--scale-lr must be positive"),
@@ -128,7 +134,7 @@ def test_bad_reading_settings_are_refused(parts, tmp_path):  # noqa: F811
             _settings(parts, tmp_path / "a", **kw).check()
 
 
-def test_the_retrieval_scale_gets_its_own_learning_rate(parts):  # noqa: F811
+def test_the_retrieval_scale_gets_its_own_learning_rate(parts):
     settings = _settings(parts, parts / "unused2", learn_retrieval_scale=True, scale_lr=0.5)
     model = build_model(settings, str(parts / "index"), torch.device("cpu"))
     optimizer, _ = _optimizer(model, settings, total_steps=10)
@@ -137,7 +143,7 @@ def test_the_retrieval_scale_gets_its_own_learning_rate(parts):  # noqa: F811
     assert own[0]["weight_decay"] == 0.0
 
 
-def test_a_run_with_filter_and_counterfactuals_logs_what_it_kept(parts, tmp_path):  # noqa: F811
+def test_a_run_with_filter_and_counterfactuals_logs_what_it_kept(parts, tmp_path):
     settings = _settings(parts, tmp_path / "run", steps=2, eval_every=2, reading_filter=True, counterfactual=0.5,
                          learn_retrieval_scale=True, scale_lr=1e-2)
     train(settings, progress=False)

@@ -22,17 +22,20 @@ import torch
 from safetensors.torch import load_file
 from test_hf_checkpoint import DOC_SEP, PREFIX, TITLE_SEP
 from test_hf_checkpoint import save_checkpoint as save_hf_checkpoint
-from tiny_models import QUESTIONS, tiny_bart, tiny_dense_encoder, tiny_llama, tiny_passages
+from tiny_models import (
+    ANSWERS,
+    QUESTIONS,
+    save_tiny_parts,
+    tiny_passages,
+)
 
 from latentrag.errors import LatentRagError
 from latentrag.model import RagConfig, RagModel
-from latentrag.retrieval.index import build_index
 from latentrag.saving import PARTS_FILE, Base
 from latentrag.training import TrainSettings, train
 from latentrag.training import checkpoints as ckpt
 from latentrag.training.trainer import build_model, export_checkpoint
 
-ANSWERS = ["Paris", "William Shakespeare", "the Nile", "Mount Everest", "Neil Armstrong"]
 ORIGINS = ["components-llama", "components-bart", "saved-full", "saved-lora", "hf-rag", "shipped-default"]
 
 
@@ -48,19 +51,7 @@ def _perturb_adapters(model: RagModel, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Tiny towers, generators and index in folders; a saved full model, a saved LoRA model, a HF RAG checkpoint."""
-    root = tmp_path_factory.mktemp("world")
-    tiny_dense_encoder("dpr-question", seed=0).save_pretrained(root / "q")
-    context = tiny_dense_encoder("dpr-context", seed=1)
-    context.save_pretrained(root / "ctx")
-    for name, (model, tok) in (("bart", tiny_bart(seed=2)), ("llama", tiny_llama(seed=3, chat_template=True))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    build_index(tiny_passages(), context, root / "index", progress=False)
-    with open(root / "train.jsonl", "w") as f:
-        for i in range(12):
-            j = i % len(QUESTIONS)
-            f.write(json.dumps({"id": f"q{i}", "question": QUESTIONS[j] + " " * (i // len(QUESTIONS)),
-                                "answers": [ANSWERS[j]]}) + "\n")
+    root = save_tiny_parts(tmp_path_factory.mktemp("world"), pairs=12)
     components = dict(query_encoder=str(root / "q"), document_encoder=str(root / "ctx"), generator=str(root / "llama"))
     RagModel.from_components(**components, k=3).save_pretrained(root / "saved-full")
     lora = RagModel.from_components(**components, k=3, retrieval_scale=4.0).set_trainable(generator=4, query_encoder=4)

@@ -9,7 +9,13 @@ import json
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from tiny_models import QUESTIONS, tiny_decoder_only_generator, tiny_dense_encoder, tiny_passages
+from tiny_models import (
+    QUESTIONS,
+    steer_decoding,
+    tiny_decoder_only_generator,
+    tiny_dense_encoder,
+    tiny_passages,
+)
 
 from latentrag.model import RagConfig, RagModel
 from latentrag.retrieval.corpus import Passage
@@ -339,20 +345,12 @@ def test_a_client_that_leaves_mid_stream_stops_its_decoding(model, root, monkeyp
     import uvicorn
 
     gen, steps = model.generator, []
-    start, step = gen.start, gen.step
 
     def no_end(logprobs):  # never </s>: without the hang-up, decoding would run all max_new_tokens steps
         logprobs[..., gen.eos_token_id] = float("-inf")
         return logprobs
 
-    def slow_step(state, tokens):
-        steps.append(time.perf_counter())
-        time.sleep(0.02)
-        new_state, logprobs = step(state, tokens)
-        return new_state, no_end(logprobs)
-
-    monkeypatch.setattr(gen, "start", lambda *a, **kw: (lambda s, lp: (s, no_end(lp)))(*start(*a, **kw)))
-    monkeypatch.setattr(gen, "step", slow_step)
+    steer_decoding(monkeypatch, gen, no_end, on_step=lambda: (steps.append(time.perf_counter()), time.sleep(0.02)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -12,7 +12,14 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from tiny_models import llama_tokenizer, tiny_decoder_only_generator, tiny_dense_encoder, tiny_passages
+from tiny_models import (
+    forcing,
+    llama_tokenizer,
+    steer_decoding,
+    tiny_decoder_only_generator,
+    tiny_dense_encoder,
+    tiny_passages,
+)
 
 from latentrag.model import RagConfig, RagModel
 from latentrag.retrieval.index import build_index
@@ -45,20 +52,12 @@ def _service(model, root, **limits) -> RagService:
 def endless(model, monkeypatch):
     """Decoding never ends by itself (</s> banned) and each step takes 20 ms; `steps` records them."""
     gen, steps = model.generator, []
-    start, step = gen.start, gen.step
 
     def no_end(logprobs):
         logprobs[..., gen.eos_token_id] = float("-inf")
         return logprobs
 
-    def slow_step(state, tokens):
-        steps.append(time.perf_counter())
-        time.sleep(0.02)
-        new_state, logprobs = step(state, tokens)
-        return new_state, no_end(logprobs)
-
-    monkeypatch.setattr(gen, "start", lambda *a, **kw: (lambda s, lp: (s, no_end(lp)))(*start(*a, **kw)))
-    monkeypatch.setattr(gen, "step", slow_step)
+    steer_decoding(monkeypatch, gen, no_end, on_step=lambda: (steps.append(time.perf_counter()), time.sleep(0.02)))
     return steps
 
 
@@ -300,17 +299,7 @@ def test_streamed_events_carry_whole_characters(model, root, monkeypatch):
     """The server forces an answer whose characters span several byte-level tokens: every `text` is whole."""
     gen = model.generator
     target = gen.tokenizer.encode(" 東京 ☃", add_special_tokens=False) + [gen.eos_token_id]
-    start, step, position = gen.start, gen.step, [0]
-
-    def force(logprobs):
-        i = min(position[0], len(target) - 1)
-        position[0] += 1
-        logprobs[...] = float("-inf")
-        logprobs[..., target[i]] = 0.0
-        return logprobs
-
-    monkeypatch.setattr(gen, "start", lambda *a, **kw: (lambda s, lp: (s, force(lp)))(*start(*a, **kw)))
-    monkeypatch.setattr(gen, "step", lambda state, tokens: (lambda s, lp: (s, force(lp)))(*step(state, tokens)))
+    steer_decoding(monkeypatch, gen, forcing(target))
     import json
 
     with TestClient(create_app(_service(model, root))) as c:

@@ -13,7 +13,13 @@ import time
 
 import pytest
 import uvicorn
-from tiny_models import tiny_decoder_only_generator, tiny_dense_encoder, tiny_passages
+from tiny_models import (
+    forcing,
+    steer_decoding,
+    tiny_decoder_only_generator,
+    tiny_dense_encoder,
+    tiny_passages,
+)
 
 from latentrag.model import RagConfig, RagModel
 from latentrag.retrieval.corpus import Passage
@@ -157,17 +163,7 @@ def test_streamed_characters_are_never_broken_on_the_page(server, browser, monke
     """The generator is forced to answer with characters that span several byte-level tokens."""
     gen = _server_model[0].generator
     target = gen.tokenizer.encode(" ☃ é", add_special_tokens=False) + [gen.eos_token_id]  # 8 tokens: the page asks 8
-    start, step, position = gen.start, gen.step, [0]
-
-    def force(logprobs):
-        i = min(position[0], len(target) - 1)
-        position[0] += 1
-        logprobs[...] = float("-inf")
-        logprobs[..., target[i]] = 0.0
-        return logprobs
-
-    monkeypatch.setattr(gen, "start", lambda *a, **kw: (lambda s, lp: (s, force(lp)))(*start(*a, **kw)))
-    monkeypatch.setattr(gen, "step", lambda state, tokens: (lambda s, lp: (s, force(lp)))(*step(state, tokens)))
+    steer_decoding(monkeypatch, gen, forcing(target))
     page = browser.new_page()
     page.goto(server + "/")
     page.fill("#question", "Where?")

@@ -14,46 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import QUESTIONS, tiny_bart, tiny_dense_encoder, tiny_llama, tiny_passages
+from tiny_models import ANSWERS, QUESTIONS, save_tiny_parts, tiny_train_settings
 
 from latentrag.errors import LatentRagError
 from latentrag.model import RagModel
-from latentrag.retrieval.index import build_index
-from latentrag.training import TrainSettings, train
 from latentrag.training import checkpoints as ckpt
+from latentrag.training import train
 from latentrag.training.data import ExampleStream, load_pairs
 from latentrag.training.trainer import Objective, build_model
 from latentrag.training.validation import collapse_warning
 
-ANSWERS = ["Paris", "William Shakespeare", "the Nile", "Mount Everest", "Neil Armstrong"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parts")
-    tiny_dense_encoder("dpr-question", seed=0).save_pretrained(root / "q")
-    context = tiny_dense_encoder("dpr-context", seed=1)
-    context.save_pretrained(root / "ctx")
-    for name, (model, tok) in (("bart", tiny_bart(seed=2)), ("llama", tiny_llama(seed=3, chat_template=True))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    build_index(tiny_passages(), context, root / "index", progress=False)
-    with open(root / "train.jsonl", "w") as f:
-        for i in range(40):
-            j = i % len(QUESTIONS)
-            f.write(json.dumps({"id": f"q{i}", "question": QUESTIONS[j] + " " * (i // len(QUESTIONS)),
-                                "answers": [ANSWERS[j]]}) + "\n")
-    return root
+    return save_tiny_parts(tmp_path_factory.mktemp("parts"), pairs=40)
 
 
-def _settings(parts, out, **kw) -> TrainSettings:
-    values = dict(train=str(parts / "train.jsonl"), out=str(out), k=3, steps=4, batch_size=2, eval_every=2,
-                  save_every=2, val_fraction=0.1, val_questions=4, max_new_tokens=4, index=str(parts / "index"),
-                  query_encoder=str(parts / "q"), document_encoder=str(parts / "ctx"), generator=str(parts / "bart"),
-                  lora_rank=4, lr=1e-2)
-    values.update(kw)
-    return TrainSettings(**values)
+_settings = tiny_train_settings
 
 
 def _digest(folder: Path) -> str:

@@ -81,6 +81,7 @@ QUESTIONS = [
     "Who walked on the Moon first?",
 ]
 CORPUS: list[str] = [f"{title} / {text}" for title, text in _FACTS] + QUESTIONS
+ANSWERS = ["Paris", "William Shakespeare", "the Nile", "Mount Everest", "Neil Armstrong"]  # of QUESTIONS, in order
 
 
 def tiny_passages() -> list[Passage]:
@@ -327,3 +328,68 @@ def tiny_dense_encoder(kind: str = "dpr-question", seed: int = 0, pooling: str |
     build, default_pooling = _TOWERS[kind]
     model, tokenizer = build(seed, **config)
     return DenseEncoder(model, tokenizer, pooling or default_pooling, normalize, max_length, f"tiny-{kind}")
+
+
+def save_tiny_parts(root, pairs: int = 40, cycle: int | None = None, generators=("bart", "llama")):
+    """A training world in `root`: tiny towers (q, ctx), generators (bart; llama with a chat template), the index
+    of `tiny_passages` (index) and train.jsonl of `pairs` questions cycling over the first `cycle` QUESTIONS
+    (all by default; repeats differ by trailing spaces, so their ids and texts are distinct)."""
+    from latentrag.retrieval.index import build_index
+
+    makers = {"bart": lambda: tiny_bart(seed=2), "llama": lambda: tiny_llama(seed=3, chat_template=True)}
+    tiny_dense_encoder("dpr-question", seed=0).save_pretrained(root / "q")
+    context = tiny_dense_encoder("dpr-context", seed=1)
+    context.save_pretrained(root / "ctx")
+    for name in generators:
+        model, tok = makers[name]()
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    build_index(tiny_passages(), context, root / "index", progress=False)
+    cycle = cycle or len(QUESTIONS)
+    with open(root / "train.jsonl", "w") as f:
+        for i in range(pairs):
+            j = i % cycle
+            f.write(json.dumps({"id": f"q{i}", "question": QUESTIONS[j] + " " * (i // cycle),
+                                "answers": [ANSWERS[j]]}) + "\n")
+    return root
+
+
+def steer_decoding(monkeypatch, generator, edit, on_step=None) -> None:
+    """Make `generator` decode through `edit(logprobs) -> logprobs` at its first and every later step (ban </s>,
+    force tokens); `on_step()` runs before each later step (to time or slow it)."""
+    start, step = generator.start, generator.step
+
+    def steered_step(state, tokens):
+        if on_step is not None:
+            on_step()
+        new_state, logprobs = step(state, tokens)
+        return new_state, edit(logprobs)
+
+    monkeypatch.setattr(generator, "start", lambda *a, **kw: (lambda s, lp: (s, edit(lp)))(*start(*a, **kw)))
+    monkeypatch.setattr(generator, "step", steered_step)
+
+
+def tiny_train_settings(parts, out, **kw):
+    """`TrainSettings` of a short run over a `save_tiny_parts` world (BART generator, LoRA r = 4); `kw` overrides."""
+    from latentrag.training import TrainSettings
+
+    values = dict(train=str(parts / "train.jsonl"), out=str(out), k=3, steps=4, batch_size=2, eval_every=2,
+                  save_every=2, val_fraction=0.1, val_questions=4, max_new_tokens=4, index=str(parts / "index"),
+                  query_encoder=str(parts / "q"), document_encoder=str(parts / "ctx"), generator=str(parts / "bart"),
+                  lora_rank=4, lr=1e-2)
+    values.update(kw)
+    return TrainSettings(**values)
+
+
+def forcing(target: list[int]):
+    """A `steer_decoding` edit that makes the i-th decoding step choose target[i] (then the last one, repeated)."""
+    position = [0]
+
+    def force(logprobs):
+        i = min(position[0], len(target) - 1)
+        position[0] += 1
+        logprobs[...] = float("-inf")
+        logprobs[..., target[i]] = 0.0
+        return logprobs
+
+    return force
