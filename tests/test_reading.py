@@ -10,7 +10,7 @@ from tiny_models import QUESTIONS, save_tiny_parts, tiny_dense_encoder, tiny_tra
 from latentrag.errors import LatentRagError
 from latentrag.evaluation import metrics as M
 from latentrag.evaluation.evaluate import reading_scores
-from latentrag.evaluation.substitutes import SubstitutePool, answer_kind, is_alias_of
+from latentrag.evaluation.substitutes import SubstitutePool, answer_kind, as_written, is_alias_of
 from latentrag.marginals import answer_posterior, sequence_posterior
 from latentrag.training import train
 from latentrag.training.data import ExampleStream, TrainPair
@@ -34,6 +34,9 @@ def test_answer_kinds_and_aliases():
     assert not is_alias_of("1960", ["1966"])
     assert not is_alias_of("Vincent van Gogh", ["Ludwig van Beethoven"])  # a particle is no evidence
     assert not is_alias_of("Aerosmith", ["Pink Floyd"])
+    assert is_alias_of("Fordian", ["John Ford"]) and is_alias_of("Chlorofluorocarbons", ["Chlorophyll"])
+    assert not is_alias_of("Ford", ["Fiat"])  # short words share no stem
+    assert as_written("FOOTBALL") == "Football" and as_written("NATO") == "NATO"
 
 
 def test_the_pool_ranks_only_answers_of_the_same_kind_and_not_too_near():

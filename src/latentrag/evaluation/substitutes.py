@@ -43,14 +43,25 @@ def _words(answer: str, kind: str) -> set[str]:
     return (words - PARTICLES) or words
 
 
+def _stem_shared(a: set[str], b: set[str], length: int = 4) -> bool:
+    """Two words of a and b begin alike ("ford" / "fordian", "chlorophyll" / "chlorofluorocarbons")."""
+    return any(len(x) >= length and len(y) >= length and x[:length] == y[:length] for x in a for y in b)
+
+
 def is_alias_of(candidate: str, golds: Sequence[str]) -> bool:
     """The candidate is too close to a gold answer to replace it: equal after SQuAD normalisation, or they
     share a word other than a particle ("Nolan North" / "David Nolan"; for numbers, a number: "June 4, 2018" /
-    "June 22, 2018")."""
+    "June 22, 2018"), or a word's first four letters ("John Ford" / "Fordian")."""
     kind = answer_kind(candidate)
     mine = _words(candidate, kind)
     return not mine or any(mine & _words(g, kind) or M.normalize_answer(g) == M.normalize_answer(candidate)
-                           for g in golds)
+                           or (kind != "number" and _stem_shared(mine, _words(g, kind))) for g in golds)
+
+
+def as_written(answer: str) -> str:
+    """An answer as running text would write it: trivia data sets shout some ("FOOTBALL", "BRUNEI"); a word in
+    capitals longer than an acronym becomes title case, so that a rewritten passage still reads as prose."""
+    return " ".join(w.title() if w.isupper() and len(w) > 4 else w for w in answer.split())
 
 
 class SubstitutePool:
@@ -67,7 +78,7 @@ class SubstitutePool:
             key = M.normalize_answer(a)
             if key and key not in seen:
                 seen.add(key)
-                unique.append(a.strip())
+                unique.append(as_written(a.strip()))
         self.answers = unique
         self.kinds = [answer_kind(a) for a in unique]
         self.encoder, self.max_similarity, self.candidates = encoder, max_similarity, candidates
