@@ -228,8 +228,9 @@ def cmd_demo(args) -> int:
     model = load_model(args)
     for answer in model.generate(SAMPLE_QUESTIONS, decoding="greedy"):  # as the model was trained (mode, k)
         print(f"Q: {answer.question}\nA: {answer.text}")
-        for p, prob in zip(answer.passages[:3], answer.doc_probs[:3], strict=True):
-            print(f"   p(z|x)={prob:.3f}  {p.title}")
+        evidence = answer.evidence or [None] * len(answer.passages)  # p(z|x,y): where the answer came from
+        for p, prob, post in zip(answer.passages[:3], answer.doc_probs[:3], evidence[:3], strict=True):
+            print(f"   p(z|x)={prob:.3f}" + ("" if post is None else f"  p(z|x,y)={post:.3f}") + f"  {p.title}")
         print()
     return 0
 
