@@ -76,8 +76,8 @@ class Row:
 ROWS = [
     Row("zero-shot", "zero-shot RAG-Token: the bundled models untrained (today's baseline before training)",
         model="base", eval_options=["--k", "3"]),
-    Row("default", "the shipped default (`make train-default`: RAG-Token, 300 steps, learned scale)",
-        questions=500),
+    Row("default", "the shipped default (`make train-default`: RAG-Token, 300 steps, reading filter + counterfactuals, "
+        "s at its own rate, bf16; the previous recipe's figures: benchmarks/reading.py)", questions=500),
     Row("token", f"fine-tuned RAG-Token ({STEPS} steps, scale learned from 20)", train=["--mode", "token", *LEARNED_SCALE]),
     Row("sequence", f"fine-tuned RAG-Sequence ({STEPS} steps, scale learned from 20; thorough decoding, 1 beam)",
         train=["--mode", "sequence", *LEARNED_SCALE], eval_options=["--decoding", "thorough", "--beams", "1"]),
