@@ -82,7 +82,7 @@ def commands(threads: int = 2) -> list[str]:
             out.append(shlex.join(["latentrag", "--threads", str(threads), "eval", "--model", model, "--dataset",
                                    f"{dataset}-test", "--answerable-only", "--limit", str(n), "--out",
                                    str(EVALS / f"{name}-{dataset}"), "--resume"]))
-        out.append(shlex.join(["python", "benchmarks/knowledge_swap.py", "--model", model, "--limit", "300",
+        out.append(shlex.join(["python", "benchmarks/knowledge_swap.py", "--model", model, "--limit", str(n),
                                "--threads", str(threads), "--out", f"benchmarks/results/{stems[0]}"]))
     return out
 
@@ -143,8 +143,9 @@ def report() -> str:
         __doc__.split("\n\n")[2].replace("\n", " "),
         "",
         "All figures on the first 300 answerable questions of each test split (the shipped default is evaluated on "
-        "500 in training.md); swaps: `--limit 300` per split, every question the model answered right with the "
-        "true index and whose answer was read is tested.",
+        "500 in training.md); swaps: `--limit 300` answerable questions per split (500 for the shipped default), every "
+        "question the model answered right with the true index and whose answer was read is tested; both pairings "
+        "on one selection.",
         "",
         "| recipe | TriviaQA EM | NQ EM | reading acc. TriviaQA | reading acc. NQ | attribution TriviaQA | "
         "attribution NQ | swap, typed: follows % | swap, coarse: follows % |",
