@@ -382,14 +382,9 @@ def parts(tmp_path_factory):
 
 
 def _train_settings(parts, out, **kw):
-    from latentrag.training import TrainSettings
+    from tiny_models import tiny_train_settings
 
-    values = dict(train=str(parts / "train.jsonl"), out=str(out), k=3, steps=2, batch_size=2, eval_every=2,
-                  save_every=2, val_fraction=0.1, val_questions=2, max_new_tokens=3, index=str(parts / "index"),
-                  query_encoder=str(parts / "q"), document_encoder=str(parts / "ctx"), generator=str(parts / "bart"),
-                  lora_rank=4, lr=1e-2)
-    values.update(kw)
-    return TrainSettings(**values)
+    return tiny_train_settings(parts, out, **{"steps": 2, "val_questions": 2, "max_new_tokens": 3, **kw})
 
 
 @pytest.mark.parametrize("mode,generator", [("concat", "bart"), ("concat", "llama"), ("fid", "bart")])
