@@ -1,18 +1,21 @@
-"""What a training step costs, and what of it the prompt is: fp32 against bf16 autocast on CPU, and the tokens
-each passage's prompt spends on the chat template, system prompt and instruction.
+"""What a training step costs, and what of it the prompt is: fp32 against bf16 autocast on CPU, the tokens
+each passage's prompt spends on the chat template, system prompt and instruction, and the step with the compact
+prompt (`latentrag train --prompt compact`) that drops them.
 
     python benchmarks/precision.py --threads 2            # default models; about 5 minutes on 2 quiet cores
 
 Step: the shipped default's recipe (RAG-Token, k = 3, LoRA r = 16 on the generator and the query tower, B = 4
 nq-dev/trivia-dev questions whose answer is in the index), forward + backward, in fp32 and under
-`torch.autocast("cpu", torch.bfloat16)` (what `latentrag train --precision bf16` does), alternating on the same
-batches; the figure is the median of --rounds timed steps after one untimed each, as a ratio measured in one
+`torch.autocast("cpu", torch.bfloat16)` (what `latentrag train --precision bf16` does), and in bf16 with the
+compact prompt (same weights, each row written without instruction and default system prompt), alternating on
+the same batches; the figure is the median of --rounds timed steps after one untimed each, as a ratio measured in one
 run (the machine is shared). Quality: the two precisions' losses on the same batches, and the greedy answers of
 the same model on --questions held-out questions under each (how often they agree, and each one's EM).
 
 Prompt: for --questions questions and their top-3 passages, the tokens of the generator's input per (question,
 passage) row, split into the passage (title + text), the question, and the rest (chat template, its default
-system prompt, the instruction) — which RAG pays once per passage row at every training step.
+system prompt, the instruction) — which RAG pays once per passage row at every training step —, and the same
+rows' tokens with the compact prompt.
 
 Writes benchmarks/results/precision.{json,md}. The load average before and after is recorded.
 """
@@ -48,7 +51,14 @@ def _prompt_cost(model, questions: list[str]) -> dict:
             rows.append((full, passage, question))
     instruction = n(generator.instruction)
     empty = generator.format_prompt("", type(ps[0])(id="", title="", text=""))
+    style = generator.prompt_style
+    generator.set_prompt("compact")
+    compact = [n(generator.format_prompt(q, p)) for q, ps in zip(questions, passages, strict=True) for p in ps]
+    empty_compact = generator.format_prompt("", type(ps[0])(id="", title="", text=""))
+    generator.set_prompt(style)
     return {
+        "compact_prompt_tokens": statistics.mean(compact),
+        "empty_compact_prompt": empty_compact,
         "rows": len(rows),
         "prompt_tokens": statistics.mean(r[0] for r in rows),
         "passage_tokens": statistics.mean(r[1] for r in rows),
@@ -90,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     model.retriever.eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    losses: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    arms = ("fp32", "bf16", "bf16-compact")
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    losses: dict[str, list[float]] = {name: [] for name in arms}
     for r in range(args.rounds + 1):
         batch = pairs[4 * r : 4 * r + 4]
-        for name in ("fp32", "bf16"):
-            context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16")
+        for name in arms:
+            model.generator.set_prompt("compact" if name.endswith("compact") else "full")
+            context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "fp32")
             start = time.perf_counter()
             with context:
                 loss = objective([p.question for p in batch], [p.answer for p in batch]).mean()
@@ -119,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
           for name, texts in greedy.items()}
     agree = 100 * statistics.mean(a == b for a, b in zip(greedy["fp32"], greedy["bf16"], strict=True))
     prompt = _prompt_cost(trained, [p.question for p in questions])
-    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    seconds = {name: statistics.median(times[name]) for name in arms}
     result = {
-        "step_seconds": {"fp32": fp32, "bf16": bf16}, "speedup": fp32 / bf16, "times": times, "losses": losses,
+        "step_seconds": seconds, "speedup": seconds["fp32"] / seconds["bf16"],
+        "compact_speedup": seconds["bf16"] / seconds["bf16-compact"], "times": times, "losses": losses,
         "max_loss_difference": max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"], strict=True)),
         "greedy_exact_match": em, "greedy_agreement": agree, "questions": len(questions), "prompt": prompt,
         "machine": f"CPU, {threads} thread(s), {platform.machine()}", "model": args.model or "the shipped default",
@@ -146,7 +159,7 @@ def render(r: dict) -> str:
         "| precision | seconds / step (median) | losses on the same batches |",
         "|---|---:|---|",
         *(f"| {name} | {r['step_seconds'][name]:.2f} | " + ", ".join(f"{x:.3f}" for x in r["losses"][name]) + " |"
-          for name in ("fp32", "bf16")),
+          for name in r["step_seconds"]),
         "",
         f"bf16 autocast is **{r['speedup']:.2f}×** faster per step; the losses differ by at most "
         f"{r['max_loss_difference']:.3f} nats. Greedy answers of {r['model']} on {r['questions']} held-out "
@@ -165,7 +178,25 @@ def render(r: dict) -> str:
         p["empty_prompt"],
         "```",
         "",
+        *_compact_lines(r),
     ])
+
+
+def _compact_lines(r: dict) -> list[str]:
+    p = r["prompt"]
+    if "compact_prompt_tokens" not in p:  # a result written before the compact prompt existed
+        return []
+    return [
+        f"The compact prompt (`latentrag train --prompt compact`: no instruction, an empty system turn) writes the "
+        f"same rows in {p['compact_prompt_tokens']:.0f} tokens ({100 * (1 - p['compact_prompt_tokens'] / p['prompt_tokens']):.0f} % "
+        f"fewer); a bf16 step with it is **{r['compact_speedup']:.2f}×** faster than with the full prompt (same "
+        "weights; its losses differ because an untrained model reads another input). Its empty prompt:",
+        "",
+        "```",
+        p["empty_compact_prompt"],
+        "```",
+        "",
+    ]
 
 
 if __name__ == "__main__":

@@ -468,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoint only)")
     tr.add_argument("--generator", default=None, help="generator to start from (default: bundled SmolLM2)")
     tr.add_argument("--max-input-length", type=int, default=None, help="generator input tokens")
+    tr.add_argument("--prompt", choices=["full", "compact"], default=None,
+                    help="a decoder-only generator's prompt: full (chat template, default system prompt, "
+                         "instruction) or compact (no instruction, empty system turn: fewer tokens per passage)")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
 

@@ -151,7 +151,8 @@ def load_hf_rag(name_or_path: str | Path, index=None, document_encoder: str | No
     query_encoder = load_part("query_encoder", PartDescription(base=replace(base, component="question_encoder"),
                                                                settings={"max_length": max_length}), cache=cache)
     generator = load_part("generator", PartDescription(base=replace(base, component="generator")), cache=cache,
-                          max_input_length=overrides.get("max_input_length", config.max_combined_length))
+                          max_input_length=overrides.get("max_input_length", config.max_combined_length),
+                          prompt=overrides.get("prompt"))
     document_encoder = Base.named(document_encoder or DEFAULT_DOCUMENT_ENCODER).name
     identity = document_encoder_identity(document_encoder, query_encoder.dim)
     rag_config = RagConfig(

@@ -46,6 +46,7 @@ class RagConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
     num_beams: int = DEFAULT_NUM_BEAMS  # beams of 'beam', 'thorough' and 'fast' decoding (greedy uses one)
     max_input_length: int = 512
+    prompt: str = "full"  # a decoder-only generator's prompt style: "full" or "compact" (`DecoderOnlyGenerator`)
     retrieval_scale: float = 1.0  # s in p(z|x) ∝ exp(s · d(z)ᵀq(x)); 1 = the paper's eq. (1); saved as learned
     learn_retrieval_scale: bool = False  # train s (as log s) with the query tower
     document_encoder_identity: dict = field(default_factory=dict)
@@ -188,7 +189,7 @@ class RagModel(nn.Module):
                          **{role: base.name for role, base in bases.items()})
         query_encoder = load_part("query_encoder", PartDescription(base=bases["query_encoder"]))
         generator = load_part("generator", PartDescription(base=bases["generator"]),
-                              max_input_length=config.max_input_length)
+                              max_input_length=config.max_input_length, prompt=config.prompt)
         return cls.assemble(config, query_encoder, generator, index)
 
     @classmethod

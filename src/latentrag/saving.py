@@ -200,10 +200,11 @@ def legacy_descriptions(directory: Path, config: dict) -> dict[str, PartDescript
 
 # ---- building a part -----------------------------------------------------------------------------------
 def load_part(role: str, description: PartDescription, directory: Path | None = None, *,
-              max_input_length: int | None = None, cache: dict | None = None):
+              max_input_length: int | None = None, prompt: str | None = None, cache: dict | None = None):
     """The part (`DenseEncoder` for the query tower, `Generator`) a description says, its adapters folded in,
     every parameter requiring gradients. `directory`: the saved model the description's subfolders are in;
-    `max_input_length` overrides the generator's; `cache` shares one load of a RAG checkpoint between parts."""
+    `max_input_length` and `prompt` (its style) override the generator's; `cache` shares one load of a RAG
+    checkpoint between parts."""
     from latentrag.adapters import load_lora, merge_lora
 
     if role not in ROLES:
@@ -234,6 +235,8 @@ def load_part(role: str, description: PartDescription, directory: Path | None = 
         adapters.append(Adapter.read(directory / name))
     if description.input_format is not None:
         _apply_input_format(part, description.input_format, directory)
+    if role == "generator" and prompt is not None:
+        part.set_prompt(prompt)
     part.requires_grad_(True)  # trainable whatever the saved form (peft's injection froze the base layers)
     part.source = Source(base, tuple(adapters))
     return part
@@ -277,6 +280,7 @@ def _apply_input_format(part, input_format: dict, directory: Path | None) -> Non
     if kind != part.kind:
         raise LatentRagError(f"the saved input format is for a {kind} generator, but the weights are {part.kind}")
     if kind != "seq2seq":
+        part.set_prompt(input_format.get("prompt", "full"))  # folders saved before prompt styles: "full"
         return
     question_tokenizer = None
     if input_format.get("question_tokenizer"):
@@ -359,8 +363,9 @@ def load_folder(directory: str | Path, index=None, **overrides):
     cache: dict = {}
     query_encoder = load_part("query_encoder", descriptions["query_encoder"], directory, cache=cache)
     generator = load_part("generator", descriptions["generator"], directory, cache=cache,
-                          max_input_length=overrides.get("max_input_length"))
+                          max_input_length=overrides.get("max_input_length"), prompt=overrides.get("prompt"))
     labels = {role: d.base.label if d.base is not None else str((directory / d.weights).resolve())
               for role, d in descriptions.items()}
-    config = replace(config, **{**labels, "max_input_length": generator.max_input_length, **overrides})
+    config = replace(config, **{**labels, "max_input_length": generator.max_input_length,
+                                "prompt": generator.prompt_style, **overrides})
     return RagModel.assemble(config, query_encoder, generator, index)

@@ -96,6 +96,7 @@ class TrainSettings:
     document_encoder: str | None = None
     generator: str | None = None
     max_input_length: int | None = None
+    prompt: str | None = None  # a decoder-only generator's prompt style, "full" or "compact" (default: the model's)
 
     def check(self) -> None:
         from latentrag.rag_types import rag_type
@@ -255,7 +256,7 @@ def build_model(s: TrainSettings, index, device: torch.device):
 
     overrides = {"mode": s.mode, "k": s.k, "learn_retrieval_scale": s.learn_retrieval_scale}
     optional = {"label_smoothing": s.label_smoothing, "max_input_length": s.max_input_length,
-                "retrieval_scale": s.retrieval_scale}
+                "retrieval_scale": s.retrieval_scale, "prompt": s.prompt}
     overrides.update({key: value for key, value in optional.items() if value is not None})
     if s.model:
         extra = {"document_encoder": s.document_encoder} if s.document_encoder else {}
