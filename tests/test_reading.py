@@ -179,8 +179,9 @@ def test_every_answer_names_its_evidence(model, mode):
 
 
 def test_reading_scores():
-    def record(correct, passages):
-        return {"correct": correct, "gold": ["Paris"], "passages": passages}
+    def record(correct, passages, prediction=None):
+        return {"correct": correct, "gold": ["Paris"], "passages": passages,
+                "prediction": ("Paris" if correct else "Lyon") if prediction is None else prediction}
 
     paris = {"text": "Paris is the capital.", "evidence": 0.9}
     rome = {"text": "Rome is old.", "evidence": 0.1}
@@ -192,5 +193,9 @@ def test_reading_scores():
     assert scores["answer_read"] == 0.75 and scores["reading_accuracy"] == pytest.approx(2 / 3)
     assert scores["attributed_answers"] == 3 and scores["attribution"] == pytest.approx(1 / 3)
     assert M.has_answer(paris["text"], ["Paris"])
+    assert scores["copied"] == 0.5  # two answers are "Paris" with its passage read; "Lyon" and the last are not
+    assert scores["wrong_read_copied"] == 0.0
+    copying = reading_scores([record(0.0, [paris], prediction="the capital"), record(0.0, [paris], prediction="")])
+    assert copying["wrong_read_copied"] == 1.0 and copying["copied"] == 1.0  # the empty answer is not counted
     none = reading_scores([{"correct": 1.0, "gold": ["x"], "passages": []}])
-    assert none["reading_accuracy"] is None and none["attribution"] is None
+    assert none["reading_accuracy"] is None and none["attribution"] is None and none["copied"] is None

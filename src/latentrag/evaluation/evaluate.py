@@ -457,10 +457,19 @@ def _mean(values: list[float]) -> float | None:
 def reading_scores(records: list[dict]) -> dict:
     """Does the reader use what it reads? `reading_accuracy`: exact match on the questions whose gold answer is
     in a passage read; `attribution`: of the right answers that carry a per-passage p(z|x,y) (`Answer.evidence`),
-    the share whose most probable passage holds the answer — evidence a user can check. None when no record
-    applies (closed-book; concatenation and FiD have no evidence)."""
+    the share whose most probable passage holds the answer — evidence a user can check; `copied`: the share of
+    (non-empty) answers that a passage read states word for word (title or text, DPR's token match) — answers
+    from the index rather than from the weights —, and `wrong_read_copied` the same share among the wrong
+    answers to questions whose answer was read (a reader that copies the wrong span, not one that ignores its
+    evidence). None when no record applies (closed-book; concatenation and FiD have no evidence)."""
     read = [r for r in records if any(M.has_answer(p["text"], r["gold"], r.get("regex", False))
                                       for p in r.get("passages") or [])]
+
+    def copied(r: dict) -> float:
+        return float(any(M.has_answer(f"{p.get('title', '')} {p['text']}", [r["prediction"]]) for p in r["passages"]))
+
+    answered = [r for r in records if r.get("passages") and M.dpr_tokens(r.get("prediction", ""))]
+    answered_ids = {id(r) for r in answered}
     attributed = []
     for r in records:
         passages = r.get("passages") or []
@@ -468,7 +477,9 @@ def reading_scores(records: list[dict]) -> dict:
             top = max(passages, key=lambda p: p["evidence"])
             attributed.append(float(M.has_answer(top["text"], r["gold"], r.get("regex", False))))
     return {"answer_read": len(read) / len(records), "reading_accuracy": _mean([r["correct"] for r in read]),
-            "attributed_answers": len(attributed), "attribution": _mean(attributed)}
+            "attributed_answers": len(attributed), "attribution": _mean(attributed),
+            "copied": _mean([copied(r) for r in answered]),
+            "wrong_read_copied": _mean([copied(r) for r in read if not r["correct"] and id(r) in answered_ids])}
 
 
 def score_records(records: list[dict], recall_ks: Sequence[int] = RECALL_KS, labels: bool = False) -> dict:

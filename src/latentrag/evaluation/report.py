@@ -19,6 +19,7 @@ RUN_COLUMNS = [
     ("answer_contained", "answer contained"),
     ("reading_accuracy", "reading acc."),
     ("attribution", "attribution"),
+    ("copied", "copied"),
     ("bleu1", "BLEU-1"),
     ("bleu4", "BLEU-4"),
     ("rouge_l", "ROUGE-L"),
@@ -27,7 +28,7 @@ RUN_COLUMNS = [
     ("label_accuracy", "label acc."),
     ("mean_prediction_words", "words/answer"),
 ]
-PERCENT = {"exact_match", "regex_match", "f1", "answer_contained", "reading_accuracy", "attribution", "rouge_l", "q_bleu1", "label_accuracy", "distinct_3"}
+PERCENT = {"exact_match", "regex_match", "f1", "answer_contained", "reading_accuracy", "attribution", "copied", "rouge_l", "q_bleu1", "label_accuracy", "distinct_3"}
 
 
 def _fmt(key: str, value) -> str:
