@@ -1,5 +1,6 @@
 """Training that teaches reading (issue 18), on tiny random models: same-type substitutes, the reading filter,
-counterfactual augmentation, the retrieval scale's own learning rate, and the evidence of an answer."""
+counterfactual augmentation, a gold passage within reach, the retrieval scale's own learning rate, and the
+evidence of an answer."""
 
 import json
 
@@ -14,7 +15,7 @@ from latentrag.evaluation.substitutes import SubstitutePool, answer_kind, as_wri
 from latentrag.marginals import answer_posterior, sequence_posterior
 from latentrag.training import train
 from latentrag.training.data import ExampleStream, TrainPair
-from latentrag.training.reading import ReadingSelector, answer_read, build_substitutes
+from latentrag.training.reading import ReadingSelector, answer_read, build_substitutes, reach_gold
 from latentrag.training.trainer import Objective, _optimizer, build_model
 
 _settings = tiny_train_settings
@@ -128,11 +129,65 @@ def test_counterfactuals_rewrite_the_passages_read_and_train_toward_the_substitu
     torch.testing.assert_close(got, want)
 
 
+def test_pick_keeps_the_chosen_ranks_and_their_gradients(model):
+    deep = model.retrieve(QUESTIONS[:2], 4)
+    deep.scores.retain_grad()
+    picked = deep.pick([[0, 3], [2, 1]])
+    assert picked.k == 2 and picked.ids.tolist() == [[deep.ids[0, 0], deep.ids[0, 3]], [deep.ids[1, 2], deep.ids[1, 1]]]
+    assert [p.id for p in picked.passages[1]] == [deep.passages[1][2].id, deep.passages[1][1].id]
+    torch.testing.assert_close(picked.doc_vectors[1, 0], deep.doc_vectors[1, 2])
+    torch.testing.assert_close(picked.log_prior.exp().sum(-1), torch.ones(2))  # renormalised over the picked
+    picked.scores.sum().backward()
+    assert deep.scores.grad[0].tolist() == [1.0, 0.0, 0.0, 1.0]
+    with pytest.raises(LatentRagError, match="one list of ranks below 4"):
+        deep.pick([[0, 4], [0, 1]])
+    with pytest.raises(LatentRagError, match="one list of ranks"):
+        deep.pick([[0, 1]])
+
+
+def test_gold_within_reads_the_best_gold_passage_in_reach(parts, model):
+    pairs = _pairs(parts)
+    questions, golds = [p.question for p in pairs], [p.answers for p in pairs]
+    with torch.no_grad():
+        deep = model.retrieve(questions, 6)
+    reached = reach_gold(deep, 2, golds)
+    moved = 0
+    for j, (answers, row) in enumerate(zip(golds, reached.passages, strict=True)):
+        top = deep.passages[j][:2]
+        first_gold = next((i for i, p in enumerate(deep.passages[j]) if M.has_answer(p.text, answers)), None)
+        if first_gold is None or first_gold < 2:  # nothing in reach, or already read: the top k as retrieved
+            assert [p.id for p in row] == [p.id for p in top]
+        else:  # the k-th gives way to the best-ranked gold passage
+            assert [p.id for p in row] == [top[0].id, deep.passages[j][first_gold].id]
+            moved += 1
+    assert moved  # the tiny data has questions whose answer is only lower down
+    # the selector keeps more questions with the filter on, and every one it keeps reads its answer
+    only_top = ReadingSelector(model, k=2, reading_filter=True).take(ExampleStream(pairs, seed=0, position=0), 4)
+    selector = ReadingSelector(model, k=2, reading_filter=True, gold_within=6)
+    batch = selector.take(ExampleStream(pairs, seed=0, position=0), 4)
+    assert batch.stats["kept"] >= only_top.stats["kept"] and batch.golds == [list(p.answers) for p in batch.pairs]
+    assert 0 <= batch.stats["reached"] <= 4 and only_top.stats["reached"] == 0
+    with torch.no_grad():
+        read = reach_gold(model.retrieve([p.question for p in batch.pairs], 6), 2, batch.golds).passages
+    assert all(answer_read(ps, p.answers) for p, ps in zip(batch.pairs, read, strict=True))
+    # the objective's loss is the model's on exactly those passages
+    objective = Objective(model, "token", 2, closed_book=False, gold_within=6)
+    qs = [p.question for p in batch.pairs]
+    with torch.no_grad():
+        got = objective(qs, batch.targets, batch.rewrites, batch.golds)
+        want = model(qs, batch.targets, mode="token", retrieved=reach_gold(model.retrieve(qs, 6), 2, batch.golds))
+    torch.testing.assert_close(got, want)
+    with pytest.raises(LatentRagError, match="a depth beyond the k = 2"):
+        ReadingSelector(model, k=2, gold_within=2)
+
+
 def test_bad_reading_settings_are_refused(parts, tmp_path):
     for kw, message in (({"counterfactual": 1.5}, "between 0 and 1"),
                         ({"closed_book": True, "reading_filter": True}, "not with --closed-book"),
                         ({"scale_lr": 0.0, "learn_retrieval_scale": True}, "--scale-lr must be positive"),
-                        ({"scale_lr": 1e-2}, "add --learn-retrieval-scale")):
+                        ({"scale_lr": 1e-2}, "add --learn-retrieval-scale"),
+                        ({"gold_within": 3}, "a depth beyond the k = 3"),
+                        ({"closed_book": True, "gold_within": 9}, "not with --closed-book")):
         with pytest.raises(LatentRagError, match=message):
             _settings(parts, tmp_path / "a", **kw).check()
 
@@ -148,11 +203,11 @@ def test_the_retrieval_scale_gets_its_own_learning_rate(parts):
 
 def test_a_run_with_filter_and_counterfactuals_logs_what_it_kept(parts, tmp_path):
     settings = _settings(parts, tmp_path / "run", steps=2, eval_every=2, reading_filter=True, counterfactual=0.5,
-                         learn_retrieval_scale=True, scale_lr=1e-2)
+                         learn_retrieval_scale=True, scale_lr=1e-2, gold_within=5)
     train(settings, progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r and "step" in r and "val" not in r]
-    assert steps and all(0 < r["kept"] <= 1 and r["counterfactual"] >= 0 for r in steps)
+    assert steps and all(0 < r["kept"] <= 1 and r["counterfactual"] >= 0 and r["reached"] >= 0 for r in steps)
     val = next(r["val"] for r in log if "val" in r)
     assert "recall@1" in json.dumps(val) and "reading" in json.dumps(val)
 

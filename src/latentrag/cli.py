@@ -443,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--counterfactual", type=float, default=0.0, metavar="SHARE",
                     help="share of the questions read with their answer whose passages are rewritten to a "
                          "same-type substitute, the substitute being the target (default 0)")
+    tr.add_argument("--gold-within", type=int, default=None, metavar="N",
+                    help="a question whose k passages hold no gold answer reads its best passage that does among "
+                         "the first N instead of its k-th (off by default: the paper reads the top k)")
+    tr.add_argument("--target", choices=["stated", "first"], default="stated",
+                    help="the answer trained toward: 'stated' = a gold answer the index states, as the passages "
+                         "read write it (default); 'first' = the first listed (Hugging Face's scripts; DPR's "
+                         "TriviaQA lists aliases such as '🚁' first)")
     tr.add_argument("--closed-book", action="store_true", help="train the generator alone, no retrieval")
     tr.add_argument("--answerable-only", action="store_true",
                     help="keep questions with a gold answer in some passage of the index")

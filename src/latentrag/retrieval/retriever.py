@@ -51,6 +51,19 @@ class RetrievedBatch:
         return RetrievedBatch(self.questions, self.ids[:, :k], [row[:k] for row in self.passages],
                               self.doc_vectors[:, :k], self.scores[:, :k])
 
+    def pick(self, rows: list[list[int]]) -> RetrievedBatch:
+        """Each question's passages at the given ranks (one list of equal length per question), p(z|x)
+        renormalised over those kept; the scores keep their gradients."""
+        index = np.asarray(rows, dtype=np.int64)
+        if index.ndim != 2 or index.shape[0] != len(self.questions) or index.size and not (
+                index.min() >= 0 and index.max() < self.k):
+            raise LatentRagError(f"pick needs one list of ranks below {self.k} per question, got {rows!r}")
+        at = torch.from_numpy(index).to(self.scores.device)
+        return RetrievedBatch(self.questions, np.take_along_axis(self.ids, index, axis=1),
+                              [[row[i] for i in ranks] for row, ranks in zip(self.passages, rows, strict=True)],
+                              self.doc_vectors[torch.arange(len(rows), device=at.device)[:, None], at],
+                              self.scores.gather(1, at))
+
 
 def check_questions(questions: list[str]) -> list[str]:
     if isinstance(questions, str):

@@ -2,15 +2,18 @@
 split, and a seeded example stream whose position is one integer (so a resumed run reads what an
 uninterrupted one would).
 
-No passage supervision: the answer is all the paper's training signal (§2.4). An example's target is its
+No passage supervision: the answer is all the paper's training signal (§2.4). An example's target is the
+gold answer the index states most often (`stated_targets`, the default) or, with `--target first`, its
 first gold answer, as Hugging Face's RAG fine-tuning scripts do.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from latentrag.errors import LatentRagError
 from latentrag.evaluation.datasets import DATASETS, QAExample, load_dataset
@@ -20,7 +23,7 @@ from latentrag.evaluation.datasets import DATASETS, QAExample, load_dataset
 class TrainPair:
     id: str
     question: str
-    answer: str  # the training target: the first gold answer
+    answer: str  # the training target: the first gold answer, or the one the index states (`stated_targets`)
     answers: list[str]  # every gold answer, for validation's exact match and answer recall
 
 
@@ -98,3 +101,29 @@ class ExampleStream:
             out.append(self.pairs[self._order_of(epoch)[offset]])
             self.position += 1
         return out
+
+
+def as_written(answer: str, texts: Sequence[str]) -> str:
+    """The answer as the texts that state it most often write it ("Henry james" → "Henry James"), matched as
+    a whole word sequence up to case; unchanged when some text writes it exactly so, or none states it."""
+    pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, answer.split())) + r"(?!\w)", re.IGNORECASE)
+    forms = Counter(m.group(0) for text in texts for m in pattern.finditer(text))
+    return answer if answer in forms or not forms else forms.most_common(1)[0][0]
+
+
+def stated_targets(pairs: list[TrainPair], finder) -> list[TrainPair]:
+    """Each pair with a target its knowledge source states: the first gold answer when some passage holds it,
+    else the answer most passages hold, written as a passage writes it; unchanged when none is stated. DPR's
+    TriviaQA lists aliases in no useful order — the first is "🚁" for helicopters, "The Finer Grain" for
+    Henry James, "Eisenhower Dwight" — and a generator trained toward them learns that the answer is not
+    what the passages say. `finder`: an `evaluation.evaluate.AnswerFinder` over the passages."""
+    out = []
+    for pair in pairs:
+        held = [finder.passages_with([a]) for a in pair.answers]
+        best = 0 if held[0] else max(range(len(held)), key=lambda i: (len(held[i]), -i))
+        if not held[best]:
+            out.append(pair)
+            continue
+        written = as_written(pair.answers[best].strip(), [finder.texts[i] for i in held[best][:20]])
+        out.append(replace(pair, answer=written))
+    return out

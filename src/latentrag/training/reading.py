@@ -13,8 +13,17 @@ run without them is the paper's recipe):
   is read, every gold alias in the k passages (titles too) is rewritten to a same-type substitute (another
   training question's answer: `evaluation.substitutes`) and the target becomes the substitute — Longpre
   et al. (2021)'s remedy for knowledge conflicts. The retrieval scores stay those of the original passages.
+* **Gold within reach** (`gold_within`, a depth N > k): a question whose k passages do not hold its answer
+  reads instead its best-ranked passage that does, if one is among the first N, in place of its k-th — the
+  positive passage of DPR's reader training, here scored by the current tower, so that p(z|x) is renormalised
+  over what is read and the marginal pulls that passage up. It trebles the questions with a reading signal
+  when the tower finds the answer only lower down; the read set is then no longer the top k, a departure
+  from the paper's training that is off by default.
 
-Both are deterministic functions of (seed, stream position, weights), so a resumed run selects exactly
+With `--target stated` (the default) a question whose answer is read trains toward the gold answer as the
+passages read state it (`read_target`), not toward an alias they do not contain.
+
+All are deterministic functions of (seed, stream position, weights), so a resumed run selects exactly
 what an uninterrupted one would.
 """
 
@@ -29,7 +38,7 @@ import torch
 from latentrag.errors import LatentRagError
 from latentrag.evaluation import metrics as M
 from latentrag.evaluation.knowledge_swap import rewrite
-from latentrag.training.data import ExampleStream, TrainPair
+from latentrag.training.data import ExampleStream, TrainPair, as_written
 
 Rewrite = tuple[list[str], str]  # (gold aliases to replace, substitute)
 
@@ -43,10 +52,37 @@ class ReadingBatch:
     rewrites: list[Rewrite | None]
     drawn: int  # questions taken from the stream to fill the batch
     stats: dict = field(default_factory=dict)
+    golds: list | None = None  # with gold_within: each question's answers, for the objective's `reach_gold`
 
 
 def answer_read(passages, answers: Sequence[str]) -> bool:
     return any(M.has_answer(p.text, answers) for p in passages)
+
+
+def read_target(pair: TrainPair, passages) -> str:
+    """The target as the passages read state it: the pair's own when they hold it, else the first gold answer
+    that the best-ranked passage holding one states, as that passage writes it."""
+    if answer_read(passages, [pair.answer]):
+        return pair.answer
+    for passage in passages:
+        for answer in pair.answers:
+            if M.has_answer(passage.text, [answer]):
+                return as_written(answer.strip(), [passage.text])
+    return pair.answer
+
+
+def reach_gold(retrieved, k: int, golds: Sequence[Sequence[str] | None]):
+    """k passages per question from a retrieval N deep: the top k, but a question none of whose k passages
+    holds a gold answer reads its best-ranked passage that does (if any) in place of its k-th."""
+    rows = []
+    for passages, answers in zip(retrieved.passages, golds, strict=True):
+        ranks = list(range(k))
+        if answers and not answer_read(passages[:k], answers):
+            deeper = next((i for i in range(k, len(passages)) if M.has_answer(passages[i].text, answers)), None)
+            if deeper is not None:
+                ranks[-1] = deeper
+        rows.append(ranks)
+    return retrieved.pick(rows)
 
 
 def rewrite_passages(passages, change: Rewrite):
@@ -59,21 +95,30 @@ class ReadingSelector:
     candidates (`SubstitutePool.ranked`), needed only when `counterfactual` > 0."""
 
     def __init__(self, model, k: int, reading_filter: bool = False, counterfactual: float = 0.0,
-                 substitutes: dict[str, list[tuple[str, float]]] | None = None, seed: int = 0):
+                 substitutes: dict[str, list[tuple[str, float]]] | None = None, seed: int = 0,
+                 gold_within: int | None = None, read_targets: bool = False):
         if not 0.0 <= counterfactual <= 1.0:
             raise LatentRagError(f"--counterfactual is a share between 0 and 1, got {counterfactual}")
         if counterfactual and substitutes is None:
             raise LatentRagError("counterfactual augmentation needs substitutes for the training answers")
+        if gold_within is not None and gold_within <= k:
+            raise LatentRagError(f"--gold-within is a depth beyond the k = {k} passages read, got {gold_within}")
         self.model, self.k, self.filter, self.share = model, k, reading_filter, counterfactual
-        self.substitutes, self.seed = substitutes or {}, seed
+        self.substitutes, self.seed, self.depth = substitutes or {}, seed, gold_within
+        self.read_targets = read_targets
 
     @property
     def active(self) -> bool:
-        return self.filter or self.share > 0
+        return self.filter or self.share > 0 or self.depth is not None
 
     @torch.no_grad()
-    def _passages(self, pairs: list[TrainPair]):
-        return self.model.retrieve([p.question for p in pairs], self.k).passages
+    def _passages(self, pairs: list[TrainPair]) -> tuple[list, list[bool]]:
+        """The passages each question reads, and whether one came from beyond the top k (gold_within)."""
+        if self.depth is None:
+            return self.model.retrieve([p.question for p in pairs], self.k).passages, [False] * len(pairs)
+        deep = self.model.retrieve([p.question for p in pairs], self.depth)
+        read = reach_gold(deep, self.k, [p.answers for p in pairs]).passages
+        return read, [r[-1].id != d[self.k - 1].id for r, d in zip(read, deep.passages, strict=True)]
 
     def _counterfactual(self, pair: TrainPair, passages, position: int) -> Rewrite | None:
         if not self.share or random.Random(f"{self.seed}/counterfactual/{position}").random() >= self.share:
@@ -98,7 +143,8 @@ class ReadingSelector:
             return ReadingBatch(pairs, [p.answer for p in pairs], [None] * n, n)
         kept: list[TrainPair] = []
         rewrites: list[Rewrite | None] = []
-        drawn, limit = 0, len(stream.pairs)
+        stated: list[str] = []
+        drawn, limit, reached = 0, len(stream.pairs), 0
         while len(kept) < n:
             if drawn >= limit and not kept:
                 raise LatentRagError(
@@ -107,15 +153,19 @@ class ReadingSelector:
             start = stream.position
             candidates = stream.take(n - len(kept))
             drawn += len(candidates)
-            for offset, (pair, passages) in enumerate(zip(candidates, self._passages(candidates), strict=True)):
+            passages_read, deeper = self._passages(candidates)
+            for offset, (pair, passages, beyond) in enumerate(zip(candidates, passages_read, deeper, strict=True)):
                 read = answer_read(passages, pair.answers)
                 if self.filter and not read:
                     continue
                 kept.append(pair)
+                reached += beyond
                 rewrites.append(self._counterfactual(pair, passages, start + offset) if read else None)
-        targets = [p.answer if r is None else r[1] for p, r in zip(kept, rewrites, strict=True)]
-        stats = {"kept": len(kept) / drawn, "counterfactual": sum(r is not None for r in rewrites)}
-        return ReadingBatch(kept, targets, rewrites, drawn, stats)
+                stated.append(read_target(pair, passages) if read and self.read_targets else pair.answer)
+        targets = [t if r is None else r[1] for t, r in zip(stated, rewrites, strict=True)]
+        stats = {"kept": len(kept) / drawn, "counterfactual": sum(r is not None for r in rewrites), "reached": reached}
+        golds = None if self.depth is None else [list(p.answers) for p in kept]
+        return ReadingBatch(kept, targets, rewrites, drawn, stats, golds)
 
 
 def build_substitutes(pairs: Sequence[TrainPair], encoder, progress: bool = False) -> dict[str, list]:

@@ -44,12 +44,13 @@ from latentrag.atomic import atomic_write_text
 from latentrag.errors import LatentRagError
 from latentrag.training import checkpoints as ckpt
 from latentrag.training.curves import plot_learning_curve, read_log
-from latentrag.training.data import ExampleStream, TrainPair, load_pairs, split_validation
+from latentrag.training.data import ExampleStream, TrainPair, load_pairs, split_validation, stated_targets
 from latentrag.training.validation import closed_book_loss, collapse_warning, validate
 
 RUN, LOG, CURVE, MODEL = "run.json", "log.jsonl", "learning_curve.png", "model"
 # settings that may change when a run is resumed: they do not change the weights
 _RESUMABLE = {"eval_every", "save_every", "keep_checkpoints"}
+_BEFORE = {"target": "first"}  # what a run.json written before a setting existed ran with
 
 
 @dataclass
@@ -77,8 +78,10 @@ class TrainSettings:
     scale_lr: float | None = None  # a learning rate of its own for log s (default: the LoRA/full rate)
     reading_filter: bool = False  # train only on questions whose answer is in the k passages read (reading.py)
     counterfactual: float = 0.0  # share of those whose passages are rewritten to a same-type substitute
+    gold_within: int | None = None  # read the best gold passage among the first N when the k hold none
     closed_book: bool = False  # the generator alone, no retrieval: the parametric-only baseline
     answerable_only: bool = False  # keep questions with a gold answer in some passage of the index
+    target: str = "stated"  # "stated": a gold answer the index (and, when read, the passages) states; "first"
     val: str | None = None  # a held-out file; default: a fraction of the training data
     val_fraction: float = 0.02
     val_questions: int = 100  # validation questions used at each evaluation
@@ -127,8 +130,14 @@ class TrainSettings:
             raise LatentRagError("--scale-lr is the learning rate of a learned scale: add --learn-retrieval-scale")
         if not 0.0 <= self.counterfactual <= 1.0:
             raise LatentRagError(f"--counterfactual is a share between 0 and 1, got {self.counterfactual}")
-        if self.closed_book and (self.reading_filter or self.counterfactual):
-            raise LatentRagError("--reading-filter and --counterfactual need passages: not with --closed-book")
+        if self.closed_book and (self.reading_filter or self.counterfactual or self.gold_within):
+            raise LatentRagError("--reading-filter, --counterfactual and --gold-within need passages: not with "
+                                 "--closed-book")
+        if self.gold_within is not None and self.gold_within <= self.k:
+            raise LatentRagError(f"--gold-within is a depth beyond the k = {self.k} passages read, got "
+                                 f"{self.gold_within}")
+        if self.target not in ("stated", "first"):
+            raise LatentRagError(f"--target is stated or first, got '{self.target}'")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LatentRagError(f"--precision is auto, fp32 or bf16, got '{self.precision}'")
         if self.device not in (None, "cpu", "cuda"):
@@ -150,22 +159,27 @@ class Objective(nn.Module):
     """What a step minimises, per question: −log p(y|x) (eq. 4) under RAG-Sequence or RAG-Token — exactly
     `RagModel.forward` — or, closed-book, −log p_θ(y|x) of the generator alone. DDP wraps this module."""
 
-    def __init__(self, model, mode: str, k: int, closed_book: bool):
+    def __init__(self, model, mode: str, k: int, closed_book: bool, gold_within: int | None = None):
         super().__init__()
         self.model, self.mode, self.k, self.closed_book = model, mode, k, closed_book
+        self.depth = gold_within
 
-    def forward(self, questions: list[str], answers: list[str], rewrites=None) -> torch.Tensor:
+    def forward(self, questions: list[str], answers: list[str], rewrites=None, golds=None) -> torch.Tensor:
         """`rewrites[j]` (counterfactual augmentation, `reading.py`): (golds, substitute) to rewrite in question
-        j's retrieved passages before they are read, or None."""
+        j's retrieved passages before they are read, or None. `golds[j]` (with gold_within): question j's
+        answers, whose best passage among the first gold_within is read when the top k hold none."""
         if self.closed_book:
             return closed_book_loss(self.model, questions, answers, self.mode)
-        if not rewrites or not any(rewrites):
+        reach = self.depth is not None and golds is not None and any(golds)
+        if not reach and (not rewrites or not any(rewrites)):
             return self.model(questions, answers, mode=self.mode, k=self.k)
-        from latentrag.training.reading import rewrite_passages
+        from latentrag.training.reading import reach_gold, rewrite_passages
 
-        retrieved = self.model.retrieve(questions, self.k)
-        retrieved.passages = [ps if r is None else rewrite_passages(ps, r)
-                              for ps, r in zip(retrieved.passages, rewrites, strict=True)]
+        retrieved = (reach_gold(self.model.retrieve(questions, self.depth), self.k, golds) if reach
+                     else self.model.retrieve(questions, self.k))
+        if rewrites:
+            retrieved.passages = [ps if r is None else rewrite_passages(ps, r)
+                                  for ps, r in zip(retrieved.passages, rewrites, strict=True)]
         return self.model(questions, answers, mode=self.mode, retrieved=retrieved)
 
 
@@ -193,6 +207,7 @@ def _check_out(out: Path, settings: dict, resume: bool) -> None:
         if not resume:
             raise LatentRagError(f"{out} already holds a training run: pass --resume to continue it, or choose "
                                  "another --out")
+        previous = {**_BEFORE, **previous}
         changed = sorted(k for k in settings if k not in _RESUMABLE and previous.get(k) != settings[k])
         if changed:
             raise LatentRagError(
@@ -213,11 +228,6 @@ def _resolve_index(name: str | None):
     return DenseIndex.load(name)
 
 
-def _answerable(pairs: list[TrainPair], index) -> list[TrainPair]:
-    from latentrag.evaluation.evaluate import AnswerFinder
-
-    finder = AnswerFinder(p.text for p in index.store)
-    return [p for p in pairs if finder.contains(p.answers)]
 
 
 def load_data(s: TrainSettings, index) -> tuple[list[TrainPair], list[TrainPair], dict]:
@@ -228,9 +238,18 @@ def load_data(s: TrainSettings, index) -> tuple[list[TrainPair], list[TrainPair]
     pairs = load_pairs(s.train)
     info = {"train_questions_total": len(pairs)}
     val = load_pairs(s.val) if s.val else None
+    finder = None
+    if index is not None and (s.answerable_only or s.target == "stated"):
+        from latentrag.evaluation.evaluate import AnswerFinder
+
+        finder = AnswerFinder(p.text for p in index.store)
+    if s.target == "stated" and finder is not None:
+        pairs = stated_targets(pairs, finder)
+        val = stated_targets(val, finder) if val is not None else None
+    info["targets"] = "stated" if s.target == "stated" and finder is not None else "first"
     if s.answerable_only:
-        pairs = _answerable(pairs, index)
-        val = _answerable(val, index) if val is not None else None
+        pairs = [p for p in pairs if finder.contains(p.answers)]
+        val = [p for p in val if finder.contains(p.answers)] if val is not None else None
         info["train_questions_answerable"] = len(pairs)
         if not pairs:
             raise LatentRagError(f"no question of {s.train} has its answer in a passage of the index")
@@ -359,7 +378,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
     random.seed(s.seed)
     torch.manual_seed(s.seed)
     model = build_model(s, index, device)
-    objective = Objective(model, s.mode, s.k, s.closed_book)
+    objective = Objective(model, s.mode, s.k, s.closed_book, s.gold_within)
     optimizer, scheduler = _optimizer(model, s, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -398,16 +417,17 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
     try:
         while step < total_steps:
             t0 = time.perf_counter()
-            step_loss, drawn, used, rewritten = 0.0, 0, 0, 0
+            step_loss, drawn, used, rewritten, reached = 0.0, 0, 0, 0, 0
             for micro in range(s.grad_accum):
                 chosen = selector.take(stream, s.batch_size * world)  # every rank chooses the same global batch
                 mine = slice(rank * s.batch_size, (rank + 1) * s.batch_size)
                 drawn, used = drawn + chosen.drawn, used + len(chosen.pairs)
                 rewritten += chosen.stats.get("counterfactual", 0)
+                reached += chosen.stats.get("reached", 0)
                 sync = world == 1 or micro == s.grad_accum - 1
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
                     loss = wrapped([p.question for p in chosen.pairs[mine]], chosen.targets[mine],
-                                   chosen.rewrites[mine]).mean()
+                                   chosen.rewrites[mine], chosen.golds[mine] if chosen.golds else None).mean()
                 (loss / s.grad_accum).backward()
                 step_loss += loss.item() / s.grad_accum
             if not math.isfinite(step_loss):
@@ -428,7 +448,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
                                        "grad_norm": grad_norm, "examples": stream.position, "epoch": stream.epoch,
                                        "seconds": seconds, "scale": model.retriever.scale,
                                        **({"kept": used / drawn, "counterfactual": rewritten} if selector.active
-                                          else {})})
+                                          else {}), **({"reached": reached} if s.gold_within else {})})
             if step % s.eval_every == 0 or step == total_steps:
                 if main:
                     _validate(model, val_pairs, s, step, log_path, bar)
@@ -458,7 +478,8 @@ def _selector(s: TrainSettings, model, train_pairs, progress: bool):
     substitutes = None
     if s.counterfactual:
         substitutes = build_substitutes(train_pairs, model.document_encoder(), progress=progress)
-    return ReadingSelector(model, s.k, s.reading_filter, s.counterfactual, substitutes, s.seed)
+    return ReadingSelector(model, s.k, s.reading_filter, s.counterfactual, substitutes, s.seed, s.gold_within,
+                           read_targets=s.target == "stated")
 
 
 def _title(mode: str) -> str:
