@@ -16,7 +16,8 @@ Deliberate choices, each one the paper leaves open:
   changes from step to step and p(z|x) is trained on a noisy ranking; retrieval should be a function of
   the question. The document tower is always in eval mode (frozen).
 * Validation and generation run in eval mode; training mode is restored afterwards.
-* The target is an example's first gold answer (as Hugging Face's RAG fine-tuning scripts).
+* The target is a gold answer the index states (`data.stated_targets`; `--target first`: the first listed,
+  as Hugging Face's RAG fine-tuning scripts).
 * Modes "concat" and "fid" read all k passages at once: their loss −log p_θ(y|x,z_1..z_k) does not contain
   p(z|x), so the query tower gets no gradient from it. Training them keeps the query tower (and the
   retrieval scale) frozen, as --freeze-query-encoder would, and trains the generator alone; asking to learn
