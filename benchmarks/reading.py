@@ -184,8 +184,7 @@ def report() -> str:
                      f"{_pct(t.get('reading_accuracy'))} | {_pct(q.get('reading_accuracy'))} | "
                      f"{_pct(t.get('attribution'))} | {_pct(q.get('attribution'))} | "
                      f"{_pct(t.get('copied'))} / {_pct(q.get('copied'))} | {_swap(stems[0])} | {_swap(stems[1])} |")
-    lines += ["", "– : not measured. The previous default's EM on these 300 questions is not re-measured here: on the "
-              "first 500 it is 17.4 / 8.6 with reading accuracy 40.9 / 22.5 (training.md). The counterfactual rows "
+    lines += ["", "– : not measured. The counterfactual rows "
               "differ in one detail: the default drew substitutes before the shared-stem rule of "
               "`evaluation.substitutes.is_alias_of` existed (\"Ford\" could become \"Fordian\"). Every row but the "
               "last trained toward DPR's first listed answer (`--target first`), which for 73 % of the answerable "
