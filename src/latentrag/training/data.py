@@ -2,9 +2,9 @@
 split, and a seeded example stream whose position is one integer (so a resumed run reads what an
 uninterrupted one would).
 
-No passage supervision: the answer is all the paper's training signal (§2.4). An example's target is the
-gold answer the index states most often (`stated_targets`, the default) or, with `--target first`, its
-first gold answer, as Hugging Face's RAG fine-tuning scripts do.
+No passage supervision: the answer is all the paper's training signal (§2.4). An example's target is a
+gold answer the index states (`stated_targets`, the default) or, with `--target first`, its first listed
+gold answer, as Hugging Face's RAG fine-tuning scripts do.
 """
 
 from __future__ import annotations

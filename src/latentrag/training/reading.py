@@ -16,9 +16,9 @@ run without them is the paper's recipe):
 * **Gold within reach** (`gold_within`, a depth N > k): a question whose k passages do not hold its answer
   reads instead its best-ranked passage that does, if one is among the first N, in place of its k-th — the
   positive passage of DPR's reader training, here scored by the current tower, so that p(z|x) is renormalised
-  over what is read and the marginal pulls that passage up. It trebles the questions with a reading signal
-  when the tower finds the answer only lower down; the read set is then no longer the top k, a departure
-  from the paper's training that is off by default.
+  over what is read and the marginal pulls that passage up. Questions whose answer the tower ranks only
+  lower down then carry a reading signal too; the read set is no longer the top k, a departure from the
+  paper's training that is off by default.
 
 With `--target stated` (the default) a question whose answer is read trains toward the gold answer as the
 passages read state it (`read_target`), not toward an alias they do not contain.
