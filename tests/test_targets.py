@@ -8,7 +8,7 @@ import pytest
 
 from latentrag.errors import LatentRagError
 from latentrag.evaluation.evaluate import AnswerFinder
-from latentrag.training.data import TrainPair, as_written, stated_targets
+from latentrag.training.data import TrainPair, form_in_texts, stated_targets
 from latentrag.training.reading import read_target
 from latentrag.training.trainer import TrainSettings, _check_out
 
@@ -20,12 +20,12 @@ TEXTS = [
 ]
 
 
-def test_as_written_takes_the_texts_spelling():
-    assert as_written("Henry james", TEXTS) == "Henry James"
-    assert as_written("helicopters", TEXTS) == "helicopters"  # written exactly so once: kept
-    assert as_written("HELICOPTERS", TEXTS) == "helicopters"  # the most common written form (2 of 3)
-    assert as_written("Zanzibar", TEXTS) == "Zanzibar"  # stated nowhere: unchanged
-    assert as_written("Henry", ["Henryk Sienkiewicz"]) == "Henry"  # whole words only
+def test_form_in_texts_takes_the_texts_spelling():
+    assert form_in_texts("Henry james", TEXTS) == "Henry James"
+    assert form_in_texts("helicopters", TEXTS) == "helicopters"  # written exactly so once: kept
+    assert form_in_texts("HELICOPTERS", TEXTS) == "helicopters"  # the most common written form (2 of 3)
+    assert form_in_texts("Zanzibar", TEXTS) == "Zanzibar"  # stated nowhere: unchanged
+    assert form_in_texts("Henry", ["Henryk Sienkiewicz"]) == "Henry"  # whole words only
 
 
 def test_stated_targets_prefer_the_first_answer_when_stated_else_the_most_stated():

@@ -103,7 +103,7 @@ class ExampleStream:
         return out
 
 
-def as_written(answer: str, texts: Sequence[str]) -> str:
+def form_in_texts(answer: str, texts: Sequence[str]) -> str:
     """The answer as the texts that state it most often write it ("Henry james" → "Henry James"), matched as
     a whole word sequence up to case; unchanged when some text writes it exactly so, or none states it."""
     pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, answer.split())) + r"(?!\w)", re.IGNORECASE)
@@ -124,6 +124,6 @@ def stated_targets(pairs: list[TrainPair], finder) -> list[TrainPair]:
         if not held[best]:
             out.append(pair)
             continue
-        written = as_written(pair.answers[best].strip(), [finder.texts[i] for i in held[best][:20]])
+        written = form_in_texts(pair.answers[best].strip(), [finder.texts[i] for i in held[best][:20]])
         out.append(replace(pair, answer=written))
     return out
