@@ -8,7 +8,8 @@ Protocol (`latentrag.evaluation.knowledge_swap`): of the first --limit answerabl
 keep those whose gold answer is among the k retrieved passages and that the model answers correctly
 (exact match) with the original index; give each a substitute answer — `typed` pairing (the paper's kind of
 swap: the nearest answer of the same type among the split's answerable questions' answers, in the document
-tower's space), and `coarse` pairing as a second, harder row (another tested question's answer, seeded
+tower's space; every answer as the index states it: the alias most passages hold, as they write it), and
+`coarse` pairing as a second, harder row (another tested question's answer, seeded
 shuffle, same coarse form preferred), both on one selection; rewrite every passage of the index that holds a kept
 question's answer so it states the substitute instead (all gold aliases, case-insensitive, whole words);
 re-encode only those passages with the document tower, copy every other vector
@@ -64,7 +65,8 @@ def render(result: dict) -> str:
         + (" (SQuAD exact match, the paper's protocol)" if s["match"] == "em"
            else " (DPR answer containment: the model answers in sentences, so exact match selects nothing)")
         + f", seed {s['seed']}. Pairing: **{s.get('pairing', 'coarse')}**"
-        + (f" (substitutes: the nearest same-type answer among {s['pool']} answers of the split)"
+        + (f" (substitutes: the nearest same-type answer among {s['pool']} answers of the split, "
+           + {None: "each its first listed alias"}.get(s.get("substitutes"), f"each {s.get('substitutes')}") + ")"
            if s.get("pairing") == "typed" else " (another tested question's answer, whatever its type)")
         + f". Device: {meta['device']}; {meta['seconds']:.0f} s in all.",
         "",
@@ -200,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:
         settings = EvalSettings(dataset=dataset, answerable_only=True, limit=limit)
         examples[dataset], _ = select_examples(settings, index, progress=True)
-    pool_answers = [ex.answers[0] for dataset in examples
-                    for ex in select_examples(EvalSettings(dataset=dataset, answerable_only=True), index)[0]
-                    if ex.answers and not ex.regex]
+    pool = [ex for dataset in examples for ex in select_examples(EvalSettings(dataset=dataset, answerable_only=True),
+                                                                  index)[0]]
     try:
         selected = select_all(model, examples, args.k, args.mode, args.match, args.max_new_tokens, args.batch_size,
                               progress=True)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_knowledge_swap(model, examples, work, k=args.k, mode=args.mode, match=args.match,
                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                        seed=args.seed, progress=True, pairing=pairing, pool_answers=pool_answers,
+                                        seed=args.seed, progress=True, pairing=pairing, pool_examples=pool,
                                         selected=selected)
         except LatentRagError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -169,6 +169,22 @@ def test_the_whole_protocol_follows_an_index_a_reader_answers_from(model, tmp_pa
     assert stuck["overall"]["stays"]["rate"] == 1.0 and stuck["overall"]["follows"]["rate"] == 0.0
 
 
+def test_the_typed_pool_takes_answers_as_the_index_states_them(model, tmp_path, monkeypatch):
+    """A pool example's substitute is the alias the passages hold, as written — not its first listed alias,
+    which no passage may state (DPR TriviaQA's "Apollo (ballet)", "Detroit , Michigan")."""
+    examples = {"tiny": [
+        QAExample("Who wrote the tragedy Hamlet?", ["William Shakespeare"], id="h"),
+        QAExample("Who walked on the Moon in 1969?", ["Neil Armstrong"], id="m"),
+    ]}
+    pool = [QAExample("Who discovered radium?", ["Curie, Marie (physicist)", "marie CURIE"], id="c"),
+            QAExample("Who is in no passage?", ["Nobody Anywhere"], id="n")]
+    monkeypatch.setattr(model, "generate", _reader(model))
+    result = run_knowledge_swap(model, examples, tmp_path / "cf", resamples=50, pairing="typed",
+                                pool_examples=pool, max_similarity=1.0)
+    assert result["settings"]["pool"] == 1 and result["settings"]["substitutes"] == "as the index states them"
+    assert {r["substitute"] for r in result["records"]} == {"Marie Curie"}
+
+
 def test_too_few_answered_questions_is_a_clear_error(model, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "generate", lambda qs, **_: [SimpleNamespace(text="no idea", passages=[],
                                                                             evidence_passage=lambda: None) for _ in qs])

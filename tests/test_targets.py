@@ -8,7 +8,8 @@ import pytest
 
 from latentrag.errors import LatentRagError
 from latentrag.evaluation.evaluate import AnswerFinder
-from latentrag.training.data import TrainPair, form_in_texts, stated_targets
+from latentrag.evaluation.metrics import form_in_texts
+from latentrag.training.data import TrainPair, stated_targets
 from latentrag.training.reading import read_target
 from latentrag.training.trainer import TrainSettings, _check_out
 
@@ -38,6 +39,15 @@ def test_stated_targets_prefer_the_first_answer_when_stated_else_the_most_stated
     # "Helicopter" and "HELICOPTERS" are each in one passage: a tie goes to the earlier listed
     assert got == ["Henry James", "helicopter", "Boxing", "Zanzibar"]
     assert [p.answers for p in stated_targets(pairs, finder)] == [p.answers for p in pairs]  # EM keeps every alias
+
+
+def test_most_stated_is_the_alias_most_passages_hold_as_they_write_it():
+    finder = AnswerFinder(TEXTS)
+    # "Henry james" is in two passages, "The Finer Grain" in none: the form the passages write
+    assert finder.most_stated(["The Finer Grain", "Henry james"]) == "Henry James"
+    assert finder.most_stated(["HELICOPTERS", "rotorcraft"]) == "helicopters"  # 1 passage each: the longer
+    assert finder.most_stated(["Zanzibar", "Pemba"]) is None
+    assert finder.written("laughing GAS") == "laughing gas" and finder.written("Zanzibar") == "Zanzibar"
 
 
 def test_read_target_is_what_the_passages_read_state():

@@ -176,6 +176,21 @@ class AnswerFinder:
             found.update(i for i in candidates if needle in self._joined[i])
         return sorted(found)
 
+    def written(self, answer: str, rows: Sequence[int] | None = None, sample: int = 20) -> str:
+        """The answer as the passages holding it write it (`metrics.form_in_texts` over the first `sample` of
+        `rows`, default: every passage that holds it)."""
+        rows = self.passages_with([answer]) if rows is None else rows
+        return M.form_in_texts(answer.strip(), [self.texts[i] for i in rows[:sample]])
+
+    def most_stated(self, golds: Sequence[str]) -> str | None:
+        """The gold answer most passages hold (ties: the longer), as they write it; None when none is held.
+        What a swap rewrites an answer to and from: the form running text uses, not an arbitrary alias."""
+        held = [self.passages_with([g]) for g in golds]
+        if not any(held):
+            return None
+        best = max(range(len(golds)), key=lambda i: (len(held[i]), len(golds[i])))
+        return self.written(golds[best], held[best])
+
     def contains(self, golds: M.Golds, regex: bool = False) -> bool:
         golds = [golds] if isinstance(golds, str) else list(golds)
         return self._regex_contains(golds) if regex else bool(self.passages_with(golds))

@@ -9,8 +9,10 @@ often the answer changes with the index (70 % / 68 %). Here the second index is 
    * `typed` (default, like the paper's leader-for-leader swap): the nearest answer of the same type in a
      pool of the split's other answers, embedded by the document tower (`evaluation.substitutes`: a
      country for a country, a year for a year);
-   * `coarse` (harder): the gold answer of another kept question (the alias its passages state most
-     often), paired with a seeded shuffle, preferring one of the same coarse form (number / name / phrase);
+   * `coarse` (harder): the gold answer of another kept question, paired with a seeded shuffle, preferring
+     one of the same coarse form (number / name / phrase);
+   every answer — substitute or replaced — is the alias most passages of the index hold, written as they write
+   it (`AnswerFinder.most_stated`), as the paper's leaders were named as Wikipedia names them;
    never one of its own gold aliases, never one already in the passages it retrieved, never one that must
    itself be rewritten out of a passage it would be written into; a question whose answer is in its own
    wording is dropped;
@@ -60,7 +62,7 @@ class Swap:
     rows: list[int] = field(default_factory=list)
     dataset: str = ""
     original_prediction: str = ""
-    stated: str = ""  # the gold alias the index states most often: what another question gets as substitute
+    stated: str = ""  # the gold alias the index states most often, as written: another question's coarse substitute
     similarity: float | None = None  # typed pairing: cosine of the substitute to `stated` (document tower)
     evidence_has_answer: bool | None = None  # the original answer's top-p(z|x,y) passage holds a gold answer
 
@@ -177,9 +179,7 @@ def plan_swaps(
             dropped.append({"id": s.id, "reason": "answer in no passage", "why": "no passage holds its answer"})
             continue
         seen.update((a, s.id) for a in aliases)
-        counts = [(sum(M.has_answer(texts[r], [g]) for r in rows), len(g)) for g in s.golds]
-        stated = s.golds[max(range(len(s.golds)), key=lambda i: counts[i])]
-        kept.append(Swap(**{**asdict(s), "rows": rows, "stated": stated}))
+        kept.append(Swap(**{**asdict(s), "rows": rows, "stated": finder.most_stated(s.golds)}))
     if pool is not None:
         return _typed_pairs(kept, pool, retrieved_rows, texts, dropped)
     rng = random.Random(seed)
@@ -333,13 +333,17 @@ def run_knowledge_swap(
     progress: bool = False,
     pairing: str = "typed",
     pool_answers: Sequence[str] | None = None,
+    pool_examples: Sequence[QAExample] | None = None,
     max_similarity: float = MAX_SIMILARITY,
     selected: tuple[list[Swap], dict] | None = None,
 ) -> dict:
     """The whole test (steps 1–4) for a model with its original index loaded; the index is restored after.
 
-    `pairing` 'typed' draws substitutes from `pool_answers` (default: the first gold answer of every example
-    given; nearer than `max_similarity`: an alias, skipped), 'coarse' from the other tested questions' answers (see the module docstring). `selected`: step 1's
+    `pairing` 'typed' draws substitutes from `pool_answers` taken as they are, or else from the answers of
+    `pool_examples` (default: every example given) as the index states them (`AnswerFinder.most_stated`: the
+    alias most passages hold, as they write it — "Detroit", not DPR's "Detroit , Michigan"; "Apollo", not
+    "Apollo (ballet)"); nearer than `max_similarity`: an alias, skipped. 'coarse' draws from the other tested
+    questions' answers, stated the same way (see the module docstring). `selected`: step 1's
     result (`select_questions` per data set: the kept questions and the counts by data set), to test several
     pairings on one selection.
 
@@ -375,11 +379,13 @@ def run_knowledge_swap(
             batch = selected[start : start + 64]
             ids = model.retrieve([s.question for s in batch], k=k).ids
             retrieved_rows.update((s.id, row.tolist()) for s, row in zip(batch, ids, strict=True))
-        pool = None
+        pool, given_pool = None, pool_answers is not None
         if pairing == "typed":
             if pool_answers is None:
-                pool_answers = [ex.answers[0] for examples in examples_by_dataset.values() for ex in examples
-                                if ex.answers and not ex.regex]
+                if pool_examples is None:
+                    pool_examples = [ex for examples in examples_by_dataset.values() for ex in examples]
+                stated = (finder.most_stated(ex.answers) for ex in pool_examples if ex.answers and not ex.regex)
+                pool_answers = [a for a in stated if a]
             pool = SubstitutePool(pool_answers, model.document_encoder(), max_similarity, progress=progress)
         swaps, dropped = plan_swaps(selected, finder, retrieved_rows, texts, seed, pool=pool)
         edits, swaps, more = counterfactual_edits(swaps, texts)
@@ -416,7 +422,8 @@ def run_knowledge_swap(
                    for d in examples_by_dataset}
     return {
         "settings": {"k": k, "mode": mode, "match": match, "max_new_tokens": max_new_tokens, "seed": seed,
-                     "pairing": pairing, "pool": None if pool is None else len(pool)},
+                     "pairing": pairing, "pool": None if pool is None else len(pool),
+                     "substitutes": "as given" if given_pool and pool is not None else "as the index states them"},
         "selection": selection,
         "selected": len(selected),
         "dropped": dropped,

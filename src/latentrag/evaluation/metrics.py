@@ -120,6 +120,14 @@ def has_answer(text: str, golds: Golds, regex: bool = False) -> bool:
     return any(_contains(tokens, answer) for answer in map(_tokens, _golds(golds)) if answer)
 
 
+def form_in_texts(answer: str, texts: Sequence[str]) -> str:
+    """The answer as the texts that state it most often write it ("Henry james" → "Henry James"), matched as
+    a whole word sequence up to case; unchanged when some text writes it exactly so, or none states it."""
+    pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, answer.split())) + r"(?!\w)", re.IGNORECASE)
+    forms = Counter(m.group(0) for text in texts for m in pattern.finditer(text))
+    return answer if answer in forms or not forms else forms.most_common(1)[0][0]
+
+
 def answer_recall_at_k(
     passage_texts_per_question: Sequence[Sequence[str]],
     golds_per_question: Sequence[Golds],

@@ -10,8 +10,6 @@ gold answer, as Hugging Face's RAG fine-tuning scripts do.
 from __future__ import annotations
 
 import random
-import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -103,14 +101,6 @@ class ExampleStream:
         return out
 
 
-def form_in_texts(answer: str, texts: Sequence[str]) -> str:
-    """The answer as the texts that state it most often write it ("Henry james" → "Henry James"), matched as
-    a whole word sequence up to case; unchanged when some text writes it exactly so, or none states it."""
-    pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, answer.split())) + r"(?!\w)", re.IGNORECASE)
-    forms = Counter(m.group(0) for text in texts for m in pattern.finditer(text))
-    return answer if answer in forms or not forms else forms.most_common(1)[0][0]
-
-
 def stated_targets(pairs: list[TrainPair], finder) -> list[TrainPair]:
     """Each pair with a target its knowledge source states: the first gold answer when some passage holds it,
     else the answer most passages hold, written as a passage writes it; unchanged when none is stated. DPR's
@@ -124,6 +114,5 @@ def stated_targets(pairs: list[TrainPair], finder) -> list[TrainPair]:
         if not held[best]:
             out.append(pair)
             continue
-        written = form_in_texts(pair.answers[best].strip(), [finder.texts[i] for i in held[best][:20]])
-        out.append(replace(pair, answer=written))
+        out.append(replace(pair, answer=finder.written(pair.answers[best], held[best])))
     return out

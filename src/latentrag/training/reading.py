@@ -38,7 +38,7 @@ import torch
 from latentrag.errors import LatentRagError
 from latentrag.evaluation import metrics as M
 from latentrag.evaluation.knowledge_swap import rewrite
-from latentrag.training.data import ExampleStream, TrainPair, form_in_texts
+from latentrag.training.data import ExampleStream, TrainPair
 
 Rewrite = tuple[list[str], str]  # (gold aliases to replace, substitute)
 
@@ -67,7 +67,7 @@ def read_target(pair: TrainPair, passages) -> str:
     for passage in passages:
         for answer in pair.answers:
             if M.has_answer(passage.text, [answer]):
-                return form_in_texts(answer.strip(), [passage.text])
+                return M.form_in_texts(answer.strip(), [passage.text])
     return pair.answer
 
 
