@@ -135,7 +135,8 @@ def retrieval(limit: int = 500, threads: int = 2) -> str:
     models = {"untrained tower, s = 20": RagModel.from_components(index=default.retriever.index, retrieval_scale=20.0),
               "previous default": load_model("runs/default-v1-model"),
               "reading recipe, 300 steps": load_model("runs/default2/model"), shipped: default,
-              "600 steps, stated targets": load_model("runs/stated600/model")}
+              "600 steps, stated targets": load_model("runs/stated600/model"),
+              "600 steps, stated targets, counterfactuals 0.8": load_model("runs/cf08/model")}
     lines = ["| split | tower | s | recall@1 | recall@3 (read) | recall@5 | entropy of p(z\\|x), top 3 (max 1.10) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     gains = []
@@ -201,8 +202,9 @@ def report() -> str:
               "first listed aliases (\"Colonel (Australia)\", \"Detroit , Michigan\", \"Roosevlet\") and "
               "replaced the alias the index holds most often as DPR spells it (\"PINK FLOYD\"); \"as written\" "
               "(`knowledge_swap.py` since commit 355fc94, the commands below) takes every answer, substitute and "
-              "replaced alike, as the index states it — the alias most passages hold, as they write it "
-              "(`AnswerFinder.most_stated`), as the paper's leaders were named as Wikipedia names them. The first "
+              "replaced alike, as the index states it — the first listed alias a passage "
+              "holds, else the one most passages hold, as they write it (`AnswerFinder.stated`, the rule of "
+              "`--target stated`), as the paper's leaders were named as Wikipedia names them. The first "
               f"columns are reproduced by the same commands at commit {FIRST_ALIAS_SWAPS} with `--out "
               "benchmarks/results/<stem>`. "
               "The cf08 row has no first-alias figures: it was trained after the change."]

@@ -182,13 +182,16 @@ class AnswerFinder:
         rows = self.passages_with([answer]) if rows is None else rows
         return M.form_in_texts(answer.strip(), [self.texts[i] for i in rows[:sample]])
 
-    def most_stated(self, golds: Sequence[str]) -> str | None:
-        """The gold answer most passages hold (ties: the longer), as they write it; None when none is held.
-        What a swap rewrites an answer to and from: the form running text uses, not an arbitrary alias."""
+    def stated(self, golds: Sequence[str]) -> str | None:
+        """The gold answer as this collection states it: the first listed when some passage holds it, else the
+        one most passages hold (ties: the earlier listed), written as those passages write it; None when no
+        passage holds any. DPR's TriviaQA lists aliases in no useful order — "🚁" for helicopters, "Colonel
+        (Australia)", "Eisenhower Dwight" — so what a model is trained toward (`training.data.stated_targets`)
+        and what a knowledge swap writes into and out of the passages is the form running text uses."""
         held = [self.passages_with([g]) for g in golds]
         if not any(held):
             return None
-        best = max(range(len(golds)), key=lambda i: (len(held[i]), len(golds[i])))
+        best = 0 if held[0] else max(range(len(golds)), key=lambda i: (len(held[i]), -i))
         return self.written(golds[best], held[best])
 
     def contains(self, golds: M.Golds, regex: bool = False) -> bool:

@@ -11,8 +11,9 @@ often the answer changes with the index (70 % / 68 %). Here the second index is 
      country for a country, a year for a year);
    * `coarse` (harder): the gold answer of another kept question, paired with a seeded shuffle, preferring
      one of the same coarse form (number / name / phrase);
-   every answer — substitute or replaced — is the alias most passages of the index hold, written as they write
-   it (`AnswerFinder.most_stated`), as the paper's leaders were named as Wikipedia names them;
+   every answer — substitute or replaced — is written as the index states it (`AnswerFinder.stated`: the first
+   listed alias a passage holds, else the one most passages hold, as they write it), as the paper's leaders
+   were named as Wikipedia names them;
    never one of its own gold aliases, never one already in the passages it retrieved, never one that must
    itself be rewritten out of a passage it would be written into; a question whose answer is in its own
    wording is dropped;
@@ -179,7 +180,7 @@ def plan_swaps(
             dropped.append({"id": s.id, "reason": "answer in no passage", "why": "no passage holds its answer"})
             continue
         seen.update((a, s.id) for a in aliases)
-        kept.append(Swap(**{**asdict(s), "rows": rows, "stated": finder.most_stated(s.golds)}))
+        kept.append(Swap(**{**asdict(s), "rows": rows, "stated": finder.stated(s.golds)}))
     if pool is not None:
         return _typed_pairs(kept, pool, retrieved_rows, texts, dropped)
     rng = random.Random(seed)
@@ -340,9 +341,8 @@ def run_knowledge_swap(
     """The whole test (steps 1–4) for a model with its original index loaded; the index is restored after.
 
     `pairing` 'typed' draws substitutes from `pool_answers` taken as they are, or else from the answers of
-    `pool_examples` (default: every example given) as the index states them (`AnswerFinder.most_stated`: the
-    alias most passages hold, as they write it — "Detroit", not DPR's "Detroit , Michigan"; "Apollo", not
-    "Apollo (ballet)"); nearer than `max_similarity`: an alias, skipped. 'coarse' draws from the other tested
+    `pool_examples` (default: every example given) as the index states them (`AnswerFinder.stated`: "Utah",
+    not DPR's first alias "Utah (State)"; "Detroit, Michigan", not "Detroit , Michigan"); nearer than `max_similarity`: an alias, skipped. 'coarse' draws from the other tested
     questions' answers, stated the same way (see the module docstring). `selected`: step 1's
     result (`select_questions` per data set: the kept questions and the counts by data set), to test several
     pairings on one selection.
@@ -384,7 +384,7 @@ def run_knowledge_swap(
             if pool_answers is None:
                 if pool_examples is None:
                     pool_examples = [ex for examples in examples_by_dataset.values() for ex in examples]
-                stated = (finder.most_stated(ex.answers) for ex in pool_examples if ex.answers and not ex.regex)
+                stated = (finder.stated(ex.answers) for ex in pool_examples if ex.answers and not ex.regex)
                 pool_answers = [a for a in stated if a]
             pool = SubstitutePool(pool_answers, model.document_encoder(), max_similarity, progress=progress)
         swaps, dropped = plan_swaps(selected, finder, retrieved_rows, texts, seed, pool=pool)

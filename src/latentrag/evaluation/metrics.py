@@ -121,9 +121,13 @@ def has_answer(text: str, golds: Golds, regex: bool = False) -> bool:
 
 
 def form_in_texts(answer: str, texts: Sequence[str]) -> str:
-    """The answer as the texts that state it most often write it ("Henry james" → "Henry James"), matched as
-    a whole word sequence up to case; unchanged when some text writes it exactly so, or none states it."""
-    pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, answer.split())) + r"(?!\w)", re.IGNORECASE)
+    """The answer as the texts that state it most often write it ("Henry james" → "Henry James", DPR's tokenised
+    "Detroit , Michigan" → "Detroit, Michigan"), matched as a whole word sequence up to case and the spaces
+    around punctuation; unchanged when some text writes it exactly so, or none states it."""
+    words = answer.split()
+    body = "".join((r"\s*" if i and not (w[0].isalnum() and words[i - 1][-1].isalnum()) else r"\s+" if i else "")
+                   + re.escape(w) for i, w in enumerate(words))
+    pattern = re.compile(r"(?<!\w)" + body + r"(?!\w)", re.IGNORECASE)
     forms = Counter(m.group(0) for text in texts for m in pattern.finditer(text))
     return answer if answer in forms or not forms else forms.most_common(1)[0][0]
 

@@ -102,17 +102,12 @@ class ExampleStream:
 
 
 def stated_targets(pairs: list[TrainPair], finder) -> list[TrainPair]:
-    """Each pair with a target its knowledge source states: the first gold answer when some passage holds it,
-    else the answer most passages hold, written as a passage writes it; unchanged when none is stated. DPR's
-    TriviaQA lists aliases in no useful order — the first is "🚁" for helicopters, "The Finer Grain" for
-    Henry James, "Eisenhower Dwight" — and a generator trained toward them learns that the answer is not
-    what the passages say. `finder`: an `evaluation.evaluate.AnswerFinder` over the passages."""
+    """Each pair with a target its knowledge source states (`AnswerFinder.stated`: the first gold answer when
+    some passage holds it, else the one most passages hold, written as a passage writes it); unchanged when none
+    is stated. A generator trained toward an alias no passage contains learns that the answer is not what the
+    passages say. `finder`: an `evaluation.evaluate.AnswerFinder` over the passages."""
     out = []
     for pair in pairs:
-        held = [finder.passages_with([a]) for a in pair.answers]
-        best = 0 if held[0] else max(range(len(held)), key=lambda i: (len(held[i]), -i))
-        if not held[best]:
-            out.append(pair)
-            continue
-        out.append(replace(pair, answer=finder.written(pair.answers[best], held[best])))
+        written = finder.stated(pair.answers)
+        out.append(pair if written is None else replace(pair, answer=written))
     return out
