@@ -8,7 +8,7 @@ Protocol (`latentrag.evaluation.knowledge_swap`): of the first --limit answerabl
 keep those whose gold answer is among the k retrieved passages and that the model answers correctly
 (exact match) with the original index; give each a substitute answer — `typed` pairing (the paper's kind of
 swap: the nearest answer of the same type among the split's answerable questions' answers, in the document
-tower's space; every answer as the index states it: the alias most passages hold, as they write it), and
+tower's space, answers and questions both compared; every answer as the index states it: the alias most passages hold, as they write it), and
 `coarse` pairing as a second, harder row (another tested question's answer, seeded
 shuffle, same coarse form preferred), both on one selection; rewrite every passage of the index that holds a kept
 question's answer so it states the substitute instead (all gold aliases, case-insensitive, whole words);
@@ -137,8 +137,8 @@ def render(result: dict) -> str:
     if s.get("pairing") == "typed":
         lines += ["", "## Sample pairs (are they of one type?)", "",
                   "The first 20 tested questions' gold answer (as the index states it), its coarse form and the "
-                  "substitute with its cosine in the document tower's space.", "",
-                  "| gold | form | substitute | cosine |", "|---|---|---|---:|"]
+                  f"substitute with its nearness in the document tower's space ({s.get('nearness') or 'answer cosine'}).",
+                  "", "| gold | form | substitute | nearness |", "|---|---|---|---:|"]
         for r in result["records"][:20]:
             lines.append(f"| {r['stated']} | {r.get('kind', '')} | {r['substitute']} | {r.get('similarity') or 0:.2f} |")
     lines += ["", "## Examples", "", "| question | gold (as the index states it) | substitute | before | after | outcome |",

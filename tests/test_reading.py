@@ -57,6 +57,28 @@ def test_the_pool_ranks_only_answers_of_the_same_kind_and_not_too_near():
     assert SubstitutePool.choose(ranked[0], ["Berlin"], accept=lambda a: False) is None
 
 
+class _TableEncoder:
+    """Fixed vectors: an answer near a city's name, and questions that ask for a state or for a city."""
+
+    VECTORS = {"Colorado": [1.0, 0.2, 0.0], "Denver": [1.0, 0.0, 0.0], "Texas": [0.6, 0.8, 0.0],
+               "state?": [0.0, 0.0, 1.0], "city?": [0.0, 1.0, 0.0], "": [0.0, 1.0, 1.0]}
+
+    def encode(self, texts, batch_size=None, progress=False):
+        return torch.tensor([self.VECTORS[t.split()[-1] if t else ""] for t in texts])
+
+
+def test_the_pool_weighs_the_questions_when_it_knows_them():
+    """Denver is the answer nearest Colorado; the question asking for a state is nearer the one for Texas."""
+    answers, questions = ["Denver", "Texas"], ["What is the capital city?", "Which is the Lone Star state?"]
+    by_answer = SubstitutePool(answers, _TableEncoder(), max_similarity=1.0).ranked(["Colorado"], ["Which state?"])
+    assert by_answer[0][0][0] == "Denver"  # the pool knows no questions: the answers' cosine alone
+    pool = SubstitutePool(answers, _TableEncoder(), max_similarity=1.0, questions=questions)
+    assert pool.ranked(["Colorado"], ["Which state?"])[0][0][0] == "Texas"
+    assert pool.ranked(["Colorado"])[0][0][0] == "Denver"  # a query without its question: the answers alone
+    with pytest.raises(ValueError, match="one question per answer"):
+        SubstitutePool(answers, _TableEncoder(), questions=["only one?"])
+
+
 # ---- what a step trains on ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(parts):

@@ -7,8 +7,8 @@ often the answer changes with the index (70 % / 68 %). Here the second index is 
    correctly with the original index (`select_questions`);
 2. give each a substitute answer (`plan_swaps`), by one of two pairings:
    * `typed` (default, like the paper's leader-for-leader swap): the nearest answer of the same type in a
-     pool of the split's other answers, embedded by the document tower (`evaluation.substitutes`: a
-     country for a country, a year for a year);
+     pool of the split's other answers, embedded by the document tower with their questions (`evaluation.
+     substitutes`: answers and questions both near, so a state for a state, not a state's capital);
    * `coarse` (harder): the gold answer of another kept question, paired with a seeded shuffle, preferring
      one of the same coarse form (number / name / phrase);
    every answer — substitute or replaced — is written as the index states it (`AnswerFinder.stated`: the first
@@ -64,7 +64,7 @@ class Swap:
     dataset: str = ""
     original_prediction: str = ""
     stated: str = ""  # the gold alias the index states most often, as written: another question's coarse substitute
-    similarity: float | None = None  # typed pairing: cosine of the substitute to `stated` (document tower)
+    similarity: float | None = None  # typed pairing: the substitute's nearness to `stated` (`SubstitutePool.ranked`)
     evidence_has_answer: bool | None = None  # the original answer's top-p(z|x,y) passage holds a gold answer
 
 
@@ -228,7 +228,7 @@ def _typed_pairs(kept: Sequence[Swap], pool: SubstitutePool, retrieved_rows: dic
         for a in _own_aliases(s):
             rows_of_alias.setdefault(a, set()).update(s.rows)
     paired = []
-    for s, ranked in zip(kept, pool.ranked([s.stated for s in kept]), strict=True):
+    for s, ranked in zip(kept, pool.ranked([s.stated for s in kept], [s.question for s in kept]), strict=True):
         mine = set(s.rows)
         read = [r for r in retrieved_rows.get(s.id, ()) if r in mine]
 
@@ -384,9 +384,12 @@ def run_knowledge_swap(
             if pool_answers is None:
                 if pool_examples is None:
                     pool_examples = [ex for examples in examples_by_dataset.values() for ex in examples]
-                stated = (finder.stated(ex.answers) for ex in pool_examples if ex.answers and not ex.regex)
-                pool_answers = [a for a in stated if a]
-            pool = SubstitutePool(pool_answers, model.document_encoder(), max_similarity, progress=progress)
+                stated = [(ex.question, finder.stated(ex.answers)) for ex in pool_examples
+                          if ex.answers and not ex.regex]
+                pool_questions = [q for q, a in stated if a]
+                pool_answers = [a for _, a in stated if a]
+            pool = SubstitutePool(pool_answers, model.document_encoder(), max_similarity, progress=progress,
+                                  questions=None if given_pool else pool_questions)
         swaps, dropped = plan_swaps(selected, finder, retrieved_rows, texts, seed, pool=pool)
         edits, swaps, more = counterfactual_edits(swaps, texts)
         dropped += more
@@ -423,7 +426,9 @@ def run_knowledge_swap(
     return {
         "settings": {"k": k, "mode": mode, "match": match, "max_new_tokens": max_new_tokens, "seed": seed,
                      "pairing": pairing, "pool": None if pool is None else len(pool),
-                     "substitutes": "as given" if given_pool and pool is not None else "as the index states them"},
+                     "substitutes": "as given" if given_pool and pool is not None else "as the index states them",
+                     "nearness": None if pool is None else "answer cosine" if pool.question_vectors is None
+                     else "mean of the answers' and the questions' cosines"},
         "selection": selection,
         "selected": len(selected),
         "dropped": dropped,

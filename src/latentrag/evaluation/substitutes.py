@@ -8,7 +8,10 @@ rewritten passage nonsense, and a reader that declines to copy nonsense is not i
 Here the kind is read off an encoder's space: a gold answer's substitutes are the other answers of a pool
 (other questions' answers) nearest to it, of the same coarse form (`answer_kind`: number / name / phrase),
 and not too near — a cosine above `max_similarity` is most often another name of the same thing
-("USA" / "United States"), which would test nothing.
+("USA" / "United States"), which would test nothing. An answer's nearest answers are often of a related kind,
+not the same one (Colorado → Denver, Venezuela → Caracas); when the pool knows each answer's question, the
+nearness is that of the answers and of the questions averaged: "Which US state is the Centennial State?" is
+nearest to other questions asking for a state, as the paper's leader questions all asked for a leader.
 """
 
 from __future__ import annotations
@@ -67,38 +70,56 @@ def as_written(answer: str) -> str:
 class SubstitutePool:
     """Answers to draw substitutes from, embedded once by `encoder` (a `DenseEncoder`; unit vectors).
 
-    `ranked(answers)` gives, for each query answer, the pool answers nearest to it (same `answer_kind`,
-    cosine ≤ max_similarity), nearest first; `choose` applies the caller's own conditions on top.
+    `ranked(answers, questions=None)` gives, for each query answer, the pool answers nearest to it (same
+    `answer_kind`, answer cosine ≤ max_similarity), nearest first — by the answers' cosine, or, when both the
+    pool and the query know their questions, by the mean of the answers' and the questions' cosines; `choose`
+    applies the caller's own conditions on top. `questions[i]` is the question `answers[i]` answers.
     """
 
     def __init__(self, answers: Iterable[str], encoder, max_similarity: float = MAX_SIMILARITY,
-                 candidates: int = CANDIDATES, batch_size: int = 256, progress: bool = False):
-        seen, unique = set(), []
-        for a in answers:
+                 candidates: int = CANDIDATES, batch_size: int = 256, progress: bool = False,
+                 questions: Iterable[str] | None = None):
+        answers = list(answers)
+        asked = list(questions) if questions is not None else None
+        if asked is not None and len(asked) != len(answers):
+            raise ValueError(f"{len(asked)} questions for {len(answers)} answers: one question per answer")
+        seen, unique, kept_questions = set(), [], []
+        for i, a in enumerate(answers):
             key = M.normalize_answer(a)
             if key and key not in seen:
                 seen.add(key)
                 unique.append(as_written(a.strip()))
+                kept_questions.append(asked[i] if asked is not None else "")
         self.answers = unique
         self.kinds = [answer_kind(a) for a in unique]
         self.encoder, self.max_similarity, self.candidates = encoder, max_similarity, candidates
         self.batch_size = batch_size
-        self.vectors = torch.nn.functional.normalize(
-            encoder.encode(unique, batch_size=batch_size, progress=progress).float(), dim=-1)
+        self.vectors = self._encode(unique, progress)
+        self.question_vectors = self._encode(kept_questions, progress) if asked is not None else None
+
+    def _encode(self, texts: Sequence[str], progress: bool = False) -> torch.Tensor:
+        return torch.nn.functional.normalize(
+            self.encoder.encode(list(texts), batch_size=self.batch_size, progress=progress).float(), dim=-1)
 
     def __len__(self) -> int:
         return len(self.answers)
 
     @torch.inference_mode()
-    def ranked(self, queries: Sequence[str]) -> list[list[tuple[str, float]]]:
-        """For each query answer: (pool answer, cosine) of the same kind, nearest first, at most `candidates`."""
+    def ranked(self, queries: Sequence[str], questions: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
+        """For each query answer (asked by `questions[i]`, if given): (pool answer, similarity) of the same kind,
+        nearest first, at most `candidates`."""
         if not queries:
             return []
-        q = torch.nn.functional.normalize(self.encoder.encode(list(queries), batch_size=self.batch_size).float(), dim=-1)
+        q = self._encode(queries)
+        by_question = questions is not None and self.question_vectors is not None
+        asked = self._encode(questions) if by_question else None
         out = []
         for start in range(0, len(queries), 1024):
             sims = q[start : start + 1024] @ self.vectors.T  # (b, N)
-            sims = sims.masked_fill(sims > self.max_similarity, -2.0)
+            alias = sims > self.max_similarity
+            if by_question:
+                sims = (sims + asked[start : start + 1024] @ self.question_vectors.T) / 2
+            sims = sims.masked_fill(alias, -2.0)
             top = torch.topk(sims, min(len(self.answers), 4 * self.candidates), dim=-1)
             for row, query in enumerate(queries[start : start + 1024]):
                 kind = answer_kind(query)
