@@ -37,7 +37,7 @@ test: $(STAMP) $(BROWSER_STAMP)
 # package (src/latentrag/default_model), where `ask`, `eval`, `demo` and `serve` load it by default.
 TRAIN_DEFAULT := --train nq-dev,trivia-dev --answerable-only --mode token --k 3 --steps 600 --batch-size 4 \
 	--lora-rank 16 --retrieval-scale 20 --learn-retrieval-scale --scale-lr 5e-3 --reading-filter \
-	--counterfactual 0.5 --target first --precision bf16 --val-questions 50 --eval-every 100 --save-every 25 --seed 0
+	--counterfactual 0.8 --target stated --precision bf16 --val-questions 50 --eval-every 100 --save-every 25 --seed 0
 train-default: $(STAMP)
 	$(BIN)/latentrag --threads 2 train $(TRAIN_DEFAULT) --out runs/default --resume
 	rm -rf src/latentrag/default_model.tmp && cp -r runs/default/model src/latentrag/default_model.tmp
