@@ -70,7 +70,7 @@ def test_plan_pairs_substitutes_from_other_questions_and_drops_clashes():
     assert "in the question" in dropped[1]["why"] and dropped[1]["reason"] == "answer in the question"
     by_id = {s.id: s for s in swaps}
     assert by_id["q0"].rows == [0, 1] and by_id["q1"].rows == [2, 3] and by_id["q3"].rows == [1]
-    # the form the passages state (both say "William Shakespeare"; the longer of the tied aliases)
+    # the form the passages state ("The Bard" is in none; of the tied aliases, the earlier listed)
     assert by_id["q1"].stated == "William Shakespeare"
     # q0 (Paris) and q3 (1889) share the Eiffel Tower passage: neither may take the other's answer
     assert by_id["q0"].substitute != "1889" and by_id["q3"].substitute != "Paris"

@@ -63,7 +63,7 @@ class Swap:
     rows: list[int] = field(default_factory=list)
     dataset: str = ""
     original_prediction: str = ""
-    stated: str = ""  # the gold alias the index states most often, as written: another question's coarse substitute
+    stated: str = ""  # the gold answer as the index states it (`AnswerFinder.stated`): others' coarse substitute
     similarity: float | None = None  # typed pairing: the substitute's nearness to `stated` (`SubstitutePool.ranked`)
     evidence_has_answer: bool | None = None  # the original answer's top-p(z|x,y) passage holds a gold answer
 
@@ -342,7 +342,8 @@ def run_knowledge_swap(
 
     `pairing` 'typed' draws substitutes from `pool_answers` taken as they are, or else from the answers of
     `pool_examples` (default: every example given) as the index states them (`AnswerFinder.stated`: "Utah",
-    not DPR's first alias "Utah (State)"; "Detroit, Michigan", not "Detroit , Michigan"); nearer than `max_similarity`: an alias, skipped. 'coarse' draws from the other tested
+    not DPR's first alias "Utah (State)"; "Detroit, Michigan", not "Detroit , Michigan") and paired by answer
+    and question; nearer than `max_similarity`: an alias, skipped. 'coarse' draws from the other tested
     questions' answers, stated the same way (see the module docstring). `selected`: step 1's
     result (`select_questions` per data set: the kept questions and the counts by data set), to test several
     pairings on one selection.
