@@ -49,6 +49,25 @@ def _rate(entry: dict) -> str:
     return f"{100 * entry['rate']:.1f} [{100 * low:.1f}, {100 * high:.1f}] ({entry['count']})"
 
 
+def _prior_mass(overall: dict) -> list[str]:
+    """How much p(z|x) the passages stating the answer get, before and after the swap (reports since it was kept)."""
+    before, after = overall.get("prior_on_answer_before"), overall.get("prior_on_substitute_after")
+    if before is None or after is None:
+        return []
+    return ["", f"p(z|x) on the read passages that state the answer, mean over the tested questions: {_pct(before)} % "
+            f"on the true index (a gold answer), {_pct(after)} % on the swapped one (the substitute; its passages "
+            "re-encoded by the document tower)."] + _by_prior(overall.get("follows_by_prior"))
+
+
+def _by_prior(split: dict | None) -> list[str]:
+    if not split:
+        return []
+    heavy, light = split["at_least_half"], split["below_half"]
+    return ["", f"Answers follow for {_pct(heavy['rate'])} % of the {heavy['n']} questions whose passages stating "
+            f"the substitute hold at least half of p(z|x) on the swapped index, and for {_pct(light['rate'])} % of "
+            f"the {light['n']} where they hold less."]
+
+
 def _true_accuracy(result: dict) -> float | None:
     """Exact match with the true index on the examined questions whose answer was among the k read."""
     read = sum(c["answer_retrieved"] for c in result["selection"].values())
@@ -68,6 +87,8 @@ def render(result: dict) -> str:
         + (f" (substitutes: the nearest same-type answer among {s['pool']} answers of the split, "
            + {None: "each its first listed alias"}.get(s.get("substitutes"), f"each {s.get('substitutes')}") + ")"
            if s.get("pairing") == "typed" else " (another tested question's answer, whatever its type)")
+        + (". Rewritten: the passages' texts and titles" if s.get("titles") == "rewritten"
+           else ". Rewritten: the passages' texts only (their titles, which may name the answer, were kept)")
         + f". Device: {meta['device']}; {meta['seconds']:.0f} s in all.",
         "",
         f"Reproduce: `{meta['command']}`",
@@ -96,6 +117,7 @@ def render(result: dict) -> str:
         "the reader); \"original still retrieved\" (the original answer in a top-k passage after the swap — "
         "another question's substitute, or a form the rewrite missed): "
         f"{_pct(result['overall']['original_still_retrieved'])} %.",
+        *_prior_mass(result["overall"]),
         "",
         "## The paper's framing: accuracy against each index",
         "",

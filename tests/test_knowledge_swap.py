@@ -17,11 +17,13 @@ from latentrag.evaluation.knowledge_swap import (
     counterfactual_edits,
     outcome,
     plan_swaps,
+    prior_on,
     rewrite,
     run_knowledge_swap,
+    title_edits,
 )
 from latentrag.model import RagModel
-from latentrag.retrieval.index import EDITS, build_index
+from latentrag.retrieval.index import EDITS, DenseIndex, build_index
 
 
 def test_rewrite_is_whole_word_case_insensitive_longest_first_and_one_pass():
@@ -44,6 +46,20 @@ def test_outcome_em_and_contained():
     assert outcome("Paris or Berlin", ["Paris"], "Berlin", "contained") == "other"
     with pytest.raises(LatentRagError, match="unknown match"):
         outcome("x", ["y"], "z", "fuzzy")
+
+
+def test_titles_are_rewritten_like_texts_for_the_rows_rewritten():
+    swaps = [Swap("a", "q", ["Neil Armstrong", "Armstrong"], substitute="Galileo", rows=[0, 2]),
+             Swap("b", "q", ["Paris"], substitute="Rome", rows=[1])]
+    titles = ["Neil Armstrong", "Paris", "Apollo 11", "Paris"]
+    assert title_edits(swaps, titles) == {0: "Galileo", 1: "Rome"}  # row 3 is no swap's: kept
+
+
+def test_prior_on_sums_p_z_given_x_over_the_passages_holding_an_answer():
+    passages = [SimpleNamespace(text=t) for t in ("Paris is in France.", "Lyon.", "The city of paris.")]
+    answer = SimpleNamespace(passages=passages, doc_probs=[0.5, 0.3, 0.2])
+    assert prior_on(answer, ["Paris"]) == pytest.approx(0.7)
+    assert prior_on(answer, ["Berlin"]) == 0.0
 
 
 def test_answer_kind():
@@ -127,7 +143,8 @@ def _reader(model):
             named = [p for p in passages if p.title.lower() in q.lower()]
             best = max(named, key=lambda p: len(p.title)) if named else passages[0]
             text = next((a for a in POOL + ANSWERS if a.lower() in best.text.lower()), "no idea")
-            out.append(SimpleNamespace(text=text, passages=passages, evidence_passage=lambda best=best: best))
+            out.append(SimpleNamespace(text=text, passages=passages, doc_probs=[1 / len(passages)] * len(passages),
+                                       evidence_passage=lambda best=best: best))
         return out
     return generate
 
@@ -151,11 +168,24 @@ def test_the_whole_protocol_follows_an_index_a_reader_answers_from(model, tmp_pa
         assert r["swapped_prediction"] == r["substitute"] != r["original_prediction"] and r["outcome"] == "follows"
     assert model.retriever.index is original  # restored
     assert (tmp_path / "cf" / EDITS).exists() and result["edited_passages"] >= 4
+    # a title naming a replaced answer is rewritten with its text ("William Shakespeare" is passage 3)
+    swapped = DenseIndex.load(tmp_path / "cf")
+    assert swapped.store[3].title == next(r["substitute"] for r in result["records"] if r["id"] == "h")
+    assert swapped.store[2].title == "Hamlet"  # a title naming no answer is kept
     low, high = result["overall"]["follows"]["ci95"]
     assert low == high == 1.0
     # the evidence the reader read its answer from: the gold before, a rewritten passage after
     assert result["overall"]["evidence_has_answer_before"] == 1.0
     assert result["overall"]["evidence_rewritten_when_follows"] == 1.0
+    # p(z|x) on the passages stating the answer: each record's share of its k, before and after
+    for r in result["records"]:
+        assert 0 < r["original_prior_on_answer"] <= 1 and 0 < r["swapped_prior_on_substitute"] <= 1
+    assert result["overall"]["prior_on_answer_before"] == pytest.approx(
+        sum(r["original_prior_on_answer"] for r in result["records"]) / 4)
+    split = result["overall"]["follows_by_prior"]  # every tested question on one side of half the mass
+    assert split["at_least_half"]["n"] + split["below_half"]["n"] == 4
+    heavy = [r for r in result["records"] if r["swapped_prior_on_substitute"] >= 0.5]
+    assert split["at_least_half"]["n"] == len(heavy)
     assert result["settings"]["pairing"] == pairing
     if pairing == "typed":
         assert {r["substitute"] for r in result["records"]} <= set(POOL)
@@ -163,7 +193,7 @@ def test_the_whole_protocol_follows_an_index_a_reader_answers_from(model, tmp_pa
     # a reader that ignores the index stays with what it knew
     monkeypatch.setattr(model, "generate", lambda qs, **_: [
         SimpleNamespace(text=next(ex.answers[0] for ex in examples["tiny"] if ex.question == q), passages=[],
-                        evidence_passage=lambda: None)
+                        doc_probs=[], evidence_passage=lambda: None)
         for q in qs])
     stuck = run_knowledge_swap(model, examples, tmp_path / "cf", resamples=200, pairing=pairing)
     assert stuck["overall"]["stays"]["rate"] == 1.0 and stuck["overall"]["follows"]["rate"] == 0.0

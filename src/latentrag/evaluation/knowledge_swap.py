@@ -19,8 +19,10 @@ often the answer changes with the index (70 % / 68 %). Here the second index is 
    wording is dropped;
 3. in every passage of the index holding a kept question's answer (DPR `has_answer`), replace each
    occurrence of every gold alias (case-insensitive, whole words) by the substitute, all questions in one
-   pass so substitutes are never substituted again (`counterfactual_edits`); a question whose answer
-   survives the rewrite (a form the pattern misses) is dropped;
+   pass so substitutes are never substituted again (`counterfactual_edits`), in the text and in the title
+   (`title_edits`: a lead section titled "Neil Armstrong" must not state the answer its text no longer
+   does; reports whose settings lack "titles" left them as they were); a question whose answer survives the rewrite
+   (a form the pattern misses) is dropped;
 4. re-encode only the edited passages (`retrieval.index.edit.replace_passages`), swap the copy in with
    `RagModel.swap_index` (no retraining), ask again, and count: the answer follows the swapped index
    (prediction = the substitute), stays the original answer, or is something else (`run_knowledge_swap`).
@@ -66,6 +68,7 @@ class Swap:
     stated: str = ""  # the gold answer as the index states it (`AnswerFinder.stated`): others' coarse substitute
     similarity: float | None = None  # typed pairing: the substitute's nearness to `stated` (`SubstitutePool.ranked`)
     evidence_has_answer: bool | None = None  # the original answer's top-p(z|x,y) passage holds a gold answer
+    prior_on_answer: float | None = None  # p(z|x) over the k read from the true index, on passages holding a gold
 
 
 def _check_match(match: str) -> None:
@@ -142,8 +145,14 @@ def select_questions(
                 top = answer.evidence_passage()
                 kept.append(Swap(ex.id, ex.question, list(ex.answers), dataset=dataset,
                                  original_prediction=answer.text,
-                                 evidence_has_answer=None if top is None else M.has_answer(top.text, ex.answers)))
+                                 evidence_has_answer=None if top is None else M.has_answer(top.text, ex.answers),
+                                 prior_on_answer=prior_on(answer, ex.answers)))
     return kept, counts
+
+
+def prior_on(answer, golds: Sequence[str]) -> float:
+    """The p(z|x) mass an answer's k passages put on those holding one of `golds` (DPR `has_answer`)."""
+    return float(sum(w for p, w in zip(answer.passages, answer.doc_probs, strict=True) if M.has_answer(p.text, golds)))
 
 
 def _own_aliases(swap: Swap) -> set[str]:
@@ -276,6 +285,17 @@ def counterfactual_edits(swaps: Sequence[Swap], texts: Sequence[str]) -> tuple[d
             return {}, [], dropped
 
 
+def title_edits(swaps: Sequence[Swap], titles: Sequence[str]) -> dict[int, str]:
+    """{row: rewritten title} for the passages rewritten for `swaps` whose title names a replaced answer: a lead
+    section titled "Neil Armstrong" whose text now names "Galileo" would otherwise state both (step 3)."""
+    by_row: dict[int, list[Swap]] = {}
+    for s in swaps:
+        for r in s.rows:
+            by_row.setdefault(r, []).append(s)
+    out = {r: rewrite(titles[r], [(s.golds, s.substitute) for s in group]) for r, group in by_row.items()}
+    return {r: t for r, t in out.items() if t != titles[r]}
+
+
 def summarise(records: Sequence[dict], resamples: int = 2000, seed: int = 0) -> dict:
     """Rates of each outcome with 95 % percentile-bootstrap intervals (per-question 0/1 indicators)."""
     n = len(records)
@@ -300,6 +320,19 @@ def summarise(records: Sequence[dict], resamples: int = 2000, seed: int = 0) -> 
     after = [r["swapped_evidence_rewritten"] for r in records
              if r["outcome"] == "follows" and r.get("swapped_evidence_rewritten") is not None]
     out["evidence_rewritten_when_follows"] = sum(after) / len(after) if after else None
+    # how much of p(z|x) the passages stating the answer get: the true index's, then the swapped one's
+    for name, key in (("prior_on_answer_before", "original_prior_on_answer"),
+                      ("prior_on_substitute_after", "swapped_prior_on_substitute")):
+        values = [r[key] for r in records if r.get(key) is not None]
+        out[name] = sum(values) / len(values) if values else None
+    # does the reader follow whenever retrieval weighs the rewritten passages? follows, split at half the mass
+    weighed = [r for r in records if r.get("swapped_prior_on_substitute") is not None]
+    if weighed:
+        out["follows_by_prior"] = {}
+        for name, heavy in (("at_least_half", True), ("below_half", False)):
+            group = [r for r in weighed if (r["swapped_prior_on_substitute"] >= 0.5) == heavy]
+            out["follows_by_prior"][name] = {
+                "n": len(group), "rate": sum(r["outcome"] == "follows" for r in group) / len(group) if group else None}
     return out
 
 
@@ -353,6 +386,7 @@ def run_knowledge_swap(
     records.
     """
     from latentrag.evaluation.evaluate import AnswerFinder
+    from latentrag.retrieval.corpus import Passage
     from latentrag.retrieval.index.edit import replace_passages
 
     _check_match(match)
@@ -396,9 +430,11 @@ def run_knowledge_swap(
         dropped += more
         if not swaps:
             raise LatentRagError(f"no question left after pairing and rewriting ({dropped}); examine more (--limit)")
-        ids = original.store.ids()
-        counterfactual = replace_passages(original, {ids[r]: t for r, t in edits.items()}, Path(work_dir),
-                                          model.document_encoder(), progress=progress)
+        ids, store = original.store.ids(), original.store
+        titles = title_edits(swaps, [p.title for p in store])
+        passages = {ids[r]: Passage(ids[r], titles.get(r, store[r].title), t) for r, t in edits.items()}
+        counterfactual = replace_passages(original, passages, Path(work_dir), model.document_encoder(),
+                                          progress=progress)
         model.swap_index(counterfactual)
         rewritten = {ids[r] for r in edits}
         records = []
@@ -417,6 +453,8 @@ def run_knowledge_swap(
                     "kind": answer_kind(s.stated), "similarity": s.similarity,
                     "original_evidence_has_answer": s.evidence_has_answer,
                     "swapped_evidence_rewritten": None if top is None else top.id in rewritten,
+                    "original_prior_on_answer": s.prior_on_answer,
+                    "swapped_prior_on_substitute": prior_on(a, [s.substitute]),
                 })
     finally:
         model.swap_index(original)
@@ -426,7 +464,7 @@ def run_knowledge_swap(
                    for d in examples_by_dataset}
     return {
         "settings": {"k": k, "mode": mode, "match": match, "max_new_tokens": max_new_tokens, "seed": seed,
-                     "pairing": pairing, "pool": None if pool is None else len(pool),
+                     "pairing": pairing, "pool": None if pool is None else len(pool), "titles": "rewritten",
                      "substitutes": "as given" if given_pool and pool is not None else "as the index states them",
                      "nearness": None if pool is None else "answer cosine" if pool.question_vectors is None
                      else "mean of the answers' and the questions' cosines"},
