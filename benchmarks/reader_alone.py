@@ -35,7 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 READERS = ("marginal", "sequence", "alone")
 WHAT = {
     "marginal": "the model as it answers (k passages, its mode)",
-    "sequence": "RAG-Sequence on the same k passages (thorough decoding)",
+    "sequence": "RAG-Sequence on the same k passages (thorough decoding, 1 beam)",
     "alone": "the reader alone on the best-ranked passage stating the answer (k = 1)",
 }
 
