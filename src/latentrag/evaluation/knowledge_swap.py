@@ -254,6 +254,15 @@ def _typed_pairs(kept: Sequence[Swap], pool: SubstitutePool, retrieved_rows: dic
     return paired, dropped
 
 
+def _by_row(swaps: Sequence[Swap]) -> dict[int, list[Swap]]:
+    """The swaps whose answer each rewritten passage (row) holds."""
+    by_row: dict[int, list[Swap]] = {}
+    for s in swaps:
+        for r in s.rows:
+            by_row.setdefault(r, []).append(s)
+    return by_row
+
+
 def counterfactual_edits(swaps: Sequence[Swap], texts: Sequence[str]) -> tuple[dict[int, str], list[Swap], list[dict]]:
     """Step 3: {row: rewritten text} with every kept question's answer replaced by its substitute.
 
@@ -263,11 +272,7 @@ def counterfactual_edits(swaps: Sequence[Swap], texts: Sequence[str]) -> tuple[d
     """
     swaps, dropped = list(swaps), []
     while True:
-        by_row: dict[int, list[Swap]] = {}
-        for s in swaps:
-            for r in s.rows:
-                by_row.setdefault(r, []).append(s)
-        edits = {r: rewrite(texts[r], [(s.golds, s.substitute) for s in group]) for r, group in by_row.items()}
+        edits = {r: rewrite(texts[r], [(s.golds, s.substitute) for s in group]) for r, group in _by_row(swaps).items()}
         bad = []
         for s in swaps:
             survives = sum(M.has_answer(edits[r], s.golds) for r in s.rows)
@@ -288,11 +293,7 @@ def counterfactual_edits(swaps: Sequence[Swap], texts: Sequence[str]) -> tuple[d
 def title_edits(swaps: Sequence[Swap], titles: Sequence[str]) -> dict[int, str]:
     """{row: rewritten title} for the passages rewritten for `swaps` whose title names a replaced answer: a lead
     section titled "Neil Armstrong" whose text now names "Galileo" would otherwise state both (step 3)."""
-    by_row: dict[int, list[Swap]] = {}
-    for s in swaps:
-        for r in s.rows:
-            by_row.setdefault(r, []).append(s)
-    out = {r: rewrite(titles[r], [(s.golds, s.substitute) for s in group]) for r, group in by_row.items()}
+    out = {r: rewrite(titles[r], [(s.golds, s.substitute) for s in group]) for r, group in _by_row(swaps).items()}
     return {r: t for r, t in out.items() if t != titles[r]}
 
 
