@@ -36,7 +36,7 @@ compares DPR `has_answer` on the prediction, for models that answer in sentences
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -290,10 +290,11 @@ def counterfactual_edits(swaps: Sequence[Swap], texts: Sequence[str]) -> tuple[d
             return {}, [], dropped
 
 
-def title_edits(swaps: Sequence[Swap], titles: Sequence[str]) -> dict[int, str]:
+def title_edits(swaps: Sequence[Swap], titles: Mapping[int, str] | Sequence[str]) -> dict[int, str]:
     """{row: rewritten title} for the passages rewritten for `swaps` whose title names a replaced answer: a lead
     section titled "Neil Armstrong" whose text now names "Galileo" would otherwise state both (step 3)."""
-    out = {r: rewrite(titles[r], [(s.golds, s.substitute) for s in group]) for r, group in _by_row(swaps).items()}
+    out = {r: rewrite(titles[r], [(s.golds, s.substitute) for s in group])
+           for r, group in _by_row(swaps).items() if isinstance(titles, Sequence) or r in titles}
     return {r: t for r, t in out.items() if t != titles[r]}
 
 
@@ -432,7 +433,7 @@ def run_knowledge_swap(
         if not swaps:
             raise LatentRagError(f"no question left after pairing and rewriting ({dropped}); examine more (--limit)")
         ids, store = original.store.ids(), original.store
-        titles = title_edits(swaps, [p.title for p in store])
+        titles = title_edits(swaps, {r: store[r].title for r in edits})  # only the rows rewritten: no full scan
         passages = {ids[r]: Passage(ids[r], titles.get(r, store[r].title), t) for r, t in edits.items()}
         counterfactual = replace_passages(original, passages, Path(work_dir), model.document_encoder(),
                                           progress=progress)
