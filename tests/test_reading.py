@@ -3,6 +3,7 @@ counterfactual augmentation, a gold passage within reach, the retrieval scale's 
 evidence of an answer."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -151,6 +152,47 @@ def test_counterfactuals_rewrite_the_passages_read_and_train_toward_the_substitu
     torch.testing.assert_close(got, want)
 
 
+def test_rescored_counterfactuals_are_encoded_as_an_index_holding_them_would_be(parts, model):
+    from latentrag.retrieval.index.build import encode_passages
+    from latentrag.training.reading import reencode, rewrite_passages
+
+    pairs = _pairs(parts)
+    substitutes = {p.id: [("Neil Armstrong", 0.0), ("Mount Everest", 0.0)] for p in pairs}
+    selector = ReadingSelector(model, k=3, reading_filter=True, counterfactual=1.0, substitutes=substitutes)
+    batch = selector.take(ExampleStream(pairs, seed=0, position=0), 4)
+    changed = [(p.question, r, t) for p, r, t in zip(batch.pairs, batch.rewrites, batch.targets, strict=True) if r]
+    assert changed
+    questions, rewrites, targets = (list(c) for c in zip(*changed, strict=True))
+    retrieved = model.retrieve(questions, 3)
+    passages = [rewrite_passages(ps, r) for ps, r in zip(retrieved.passages, rewrites, strict=True)]
+    scored = reencode(model, retrieved, passages)
+    tower = model.document_encoder()
+    moved = 0
+    for j, (old, new) in enumerate(zip(retrieved.passages, passages, strict=True)):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            if (a.title, a.text) == (b.title, b.text):  # untouched: the index's vector, unchanged
+                torch.testing.assert_close(scored.doc_vectors[j, i], retrieved.doc_vectors[j, i])
+            else:  # rewritten: what building an index over it would store
+                want = torch.from_numpy(encode_passages(tower, [b.title], [b.text])[0])
+                torch.testing.assert_close(scored.doc_vectors[j, i], want)
+                moved += not torch.allclose(want, retrieved.doc_vectors[j, i])
+    assert moved and scored.passages == passages and scored.ids.tolist() == retrieved.ids.tolist()
+    want_scores = model.retriever.scale * torch.einsum("bd,bkd->bk", retrieved.query_vectors, scored.doc_vectors)
+    torch.testing.assert_close(scored.scores, want_scores)
+    # the objective reads them with those scores, and the loss's gradient reaches the query tower through them
+    objective = Objective(model, "token", 3, closed_book=False, rescore=True)
+    model.zero_grad()
+    loss = objective(questions, targets, rewrites)
+    with torch.no_grad():
+        want = model(questions, targets, mode="token", retrieved=reencode(model, model.retrieve(questions, 3), passages))
+    torch.testing.assert_close(loss.detach(), want)
+    loss.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.retriever.query_encoder.parameters())
+    model.zero_grad()
+    with pytest.raises(LatentRagError, match="query vectors"):
+        model.retriever.rescore(replace(retrieved, query_vectors=None), passages, scored.doc_vectors)
+
+
 def test_pick_keeps_the_chosen_ranks_and_their_gradients(model):
     deep = model.retrieve(QUESTIONS[:2], 4)
     deep.scores.retain_grad()
@@ -209,7 +251,8 @@ def test_bad_reading_settings_are_refused(parts, tmp_path):
                         ({"scale_lr": 0.0, "learn_retrieval_scale": True}, "--scale-lr must be positive"),
                         ({"scale_lr": 1e-2}, "add --learn-retrieval-scale"),
                         ({"gold_within": 3}, "a depth beyond the k = 3"),
-                        ({"closed_book": True, "gold_within": 9}, "not with --closed-book")):
+                        ({"closed_book": True, "gold_within": 9}, "not with --closed-book"),
+                        ({"rescore_counterfactuals": True}, "add --counterfactual")):
         with pytest.raises(LatentRagError, match=message):
             _settings(parts, tmp_path / "a", **kw).check()
 
@@ -225,7 +268,8 @@ def test_the_retrieval_scale_gets_its_own_learning_rate(parts):
 
 def test_a_run_with_filter_and_counterfactuals_logs_what_it_kept(parts, tmp_path):
     settings = _settings(parts, tmp_path / "run", steps=2, eval_every=2, reading_filter=True, counterfactual=0.5,
-                         learn_retrieval_scale=True, scale_lr=1e-2, gold_within=5)
+                         learn_retrieval_scale=True, scale_lr=1e-2, gold_within=5,
+                         rescore_counterfactuals=True)
     train(settings, progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r and "step" in r and "val" not in r]

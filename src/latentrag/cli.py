@@ -443,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--counterfactual", type=float, default=0.0, metavar="SHARE",
                     help="share of the questions read with their answer whose passages are rewritten to a "
                          "same-type substitute, the substitute being the target (default 0)")
+    tr.add_argument("--rescore-counterfactuals", action="store_true",
+                    help="re-encode the rewritten passages with the document tower and score them, as an index "
+                         "holding them would (default: they keep the original passages' scores)")
     tr.add_argument("--gold-within", type=int, default=None, metavar="N",
                     help="a question whose k passages hold no gold answer reads its best passage that does among "
                          "the first N instead of its k-th (off by default: the paper reads the top k)")

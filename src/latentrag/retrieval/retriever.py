@@ -24,13 +24,15 @@ from latentrag.retrieval.searcher import Searcher
 
 @dataclass
 class RetrievedBatch:
-    """B questions with their k passages each. Shapes: ids (B,k), doc_vectors (B,k,d), scores (B,k)."""
+    """B questions with their k passages each. Shapes: ids (B,k), doc_vectors (B,k,d), scores (B,k);
+    query_vectors (B,d), with their gradients, when a `Retriever` made the batch (`Retriever.rescore` needs them)."""
 
     questions: list[str]
     ids: np.ndarray
     passages: list[list[Passage]]
     doc_vectors: Tensor
     scores: Tensor
+    query_vectors: Tensor | None = None
 
     @property
     def log_prior(self) -> Tensor:
@@ -49,7 +51,7 @@ class RetrievedBatch:
         if k == self.k:
             return self
         return RetrievedBatch(self.questions, self.ids[:, :k], [row[:k] for row in self.passages],
-                              self.doc_vectors[:, :k], self.scores[:, :k])
+                              self.doc_vectors[:, :k], self.scores[:, :k], self.query_vectors)
 
     def pick(self, rows: list[list[int]]) -> RetrievedBatch:
         """Each question's passages at the given ranks (one list of equal length per question), p(z|x)
@@ -62,7 +64,7 @@ class RetrievedBatch:
         return RetrievedBatch(self.questions, np.take_along_axis(self.ids, index, axis=1),
                               [[row[i] for i in ranks] for row, ranks in zip(self.passages, rows, strict=True)],
                               self.doc_vectors[torch.arange(len(rows), device=at.device)[:, None], at],
-                              self.scores.gather(1, at))
+                              self.scores.gather(1, at), self.query_vectors)
 
 
 def check_questions(questions: list[str]) -> list[str]:
@@ -154,6 +156,22 @@ class Retriever(nn.Module):
             raise LatentRagError(f"the index returned fewer than k={k} passages; lower k or widen the search")
         vectors = np.require(vectors, np.float32, ["C", "W"])  # a writable copy only when needed
         doc_vectors = torch.from_numpy(vectors).to(q.device, torch.float32)  # (B,k,d), constants
-        with torch.autocast(q.device.type, enabled=False):  # in fp32 even under bf16 autocast: the softmax
-            scores = self.log_scale.float().exp() * torch.einsum("bd,bkd->bk", q.float(), doc_vectors)  # needs it
-        return RetrievedBatch(questions, ids, index.passages(ids), doc_vectors, scores)
+        return RetrievedBatch(questions, ids, index.passages(ids), doc_vectors, self._scores(q, doc_vectors), q)
+
+    def _scores(self, q: Tensor, doc_vectors: Tensor) -> Tensor:
+        """s · d(z)ᵀq(x), (B,d) x (B,k,d) -> (B,k), in fp32 even under bf16 autocast: the softmax needs it."""
+        with torch.autocast(q.device.type, enabled=False):
+            return self.log_scale.float().exp() * torch.einsum("bd,bkd->bk", q.float(), doc_vectors.float())
+
+    def rescore(self, retrieved: RetrievedBatch, passages: list[list[Passage]], doc_vectors: Tensor) -> RetrievedBatch:
+        """The same questions reading other passages (same shape): their document vectors scored against the
+        batch's query vectors, gradients kept — what an index holding those passages would give, without a
+        new search (training's counterfactual passages, re-encoded by the frozen document tower)."""
+        if retrieved.query_vectors is None:
+            raise LatentRagError("rescore needs the query vectors of a batch this retriever retrieved")
+        if doc_vectors.shape != retrieved.doc_vectors.shape or len(passages) != len(retrieved.questions):
+            raise LatentRagError(f"rescore needs passages and vectors shaped like the batch's "
+                                 f"{tuple(retrieved.doc_vectors.shape)}, got {tuple(doc_vectors.shape)}")
+        doc_vectors = doc_vectors.to(retrieved.query_vectors.device, torch.float32)
+        return RetrievedBatch(retrieved.questions, retrieved.ids, passages, doc_vectors,
+                              self._scores(retrieved.query_vectors, doc_vectors), retrieved.query_vectors)

@@ -12,7 +12,11 @@ run without them is the paper's recipe):
 * **Counterfactual augmentation** (`counterfactual`, a share): for that share of the questions whose answer
   is read, every gold alias in the k passages (titles too) is rewritten to a same-type substitute (another
   training question's answer: `evaluation.substitutes`) and the target becomes the substitute — Longpre
-  et al. (2021)'s remedy for knowledge conflicts. The retrieval scores stay those of the original passages.
+  et al. (2021)'s remedy for knowledge conflicts. The retrieval scores stay those of the original passages,
+  unless `rescore` (`--rescore-counterfactuals`): the rewritten passages are then re-encoded by the frozen
+  document tower and scored by the current query tower (`reencode`), as an index holding them would score
+  them — the knowledge swap's condition, where a rewrite loses retrieval weight (an entity's name weighs
+  heavily in the document vector) and the marginal, through the query tower, learns to give it back.
 * **Gold within reach** (`gold_within`, a depth N > k): a question whose k passages do not hold its answer
   reads instead its best-ranked passage that does, if one is among the first N, in place of its k-th — the
   positive passage of DPR's reader training, here scored by the current tower, so that p(z|x) is renormalised
@@ -88,6 +92,26 @@ def reach_gold(retrieved, k: int, golds: Sequence[Sequence[str] | None]):
 def rewrite_passages(passages, change: Rewrite):
     """The passages with every gold alias (text and title) replaced by the substitute."""
     return [replace(p, title=rewrite(p.title, [change]), text=rewrite(p.text, [change])) for p in passages]
+
+
+def reencode(model, retrieved, passages):
+    """`retrieved` reading `passages` instead (same shape): those that differ from what was retrieved (title or
+    text) re-encoded by the model's frozen document tower in fp32, as the index was built, and every score
+    recomputed against the batch's query vectors, so gradients reach the query tower through the new ones."""
+    from latentrag.retrieval.index.build import encode_passages
+
+    changed = [(j, i) for j, (old, new) in enumerate(zip(retrieved.passages, passages, strict=True))
+               for i, (a, b) in enumerate(zip(old, new, strict=True)) if (a.title, a.text) != (b.title, b.text)]
+    vectors = retrieved.doc_vectors
+    if changed:
+        tower = model.document_encoder()
+        with torch.autocast(tower.device.type, enabled=False):
+            fresh = encode_passages(tower, [passages[j][i].title for j, i in changed],
+                                    [passages[j][i].text for j, i in changed])
+        vectors = vectors.clone()
+        rows, cols = zip(*changed, strict=True)
+        vectors[list(rows), list(cols)] = torch.from_numpy(fresh).to(vectors)
+    return model.retriever.rescore(retrieved, passages, vectors)
 
 
 class ReadingSelector:

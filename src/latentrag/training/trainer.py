@@ -79,6 +79,7 @@ class TrainSettings:
     scale_lr: float | None = None  # a learning rate of its own for log s (default: the LoRA/full rate)
     reading_filter: bool = False  # train only on questions whose answer is in the k passages read (reading.py)
     counterfactual: float = 0.0  # share of those whose passages are rewritten to a same-type substitute
+    rescore_counterfactuals: bool = False  # re-encode the rewritten passages and score them (reading.reencode)
     gold_within: int | None = None  # read the best gold passage among the first N when the k hold none
     closed_book: bool = False  # the generator alone, no retrieval: the parametric-only baseline
     answerable_only: bool = False  # keep questions with a gold answer in some passage of the index
@@ -134,6 +135,8 @@ class TrainSettings:
         if self.closed_book and (self.reading_filter or self.counterfactual or self.gold_within):
             raise LatentRagError("--reading-filter, --counterfactual and --gold-within need passages: not with "
                                  "--closed-book")
+        if self.rescore_counterfactuals and not self.counterfactual:
+            raise LatentRagError("--rescore-counterfactuals scores rewritten passages: add --counterfactual")
         if self.gold_within is not None and self.gold_within <= self.k:
             raise LatentRagError(f"--gold-within is a depth beyond the k = {self.k} passages read, got "
                                  f"{self.gold_within}")
@@ -160,27 +163,33 @@ class Objective(nn.Module):
     """What a step minimises, per question: −log p(y|x) (eq. 4) under RAG-Sequence or RAG-Token — exactly
     `RagModel.forward` — or, closed-book, −log p_θ(y|x) of the generator alone. DDP wraps this module."""
 
-    def __init__(self, model, mode: str, k: int, closed_book: bool, gold_within: int | None = None):
+    def __init__(self, model, mode: str, k: int, closed_book: bool, gold_within: int | None = None,
+                 rescore: bool = False):
         super().__init__()
         self.model, self.mode, self.k, self.closed_book = model, mode, k, closed_book
-        self.depth = gold_within
+        self.depth, self.rescore = gold_within, rescore
 
     def forward(self, questions: list[str], answers: list[str], rewrites=None, golds=None) -> torch.Tensor:
         """`rewrites[j]` (counterfactual augmentation, `reading.py`): (golds, substitute) to rewrite in question
-        j's retrieved passages before they are read, or None. `golds[j]` (with gold_within): question j's
-        answers, whose best passage among the first gold_within is read when the top k hold none."""
+        j's retrieved passages before they are read, or None; with `rescore`, the rewritten passages are
+        re-encoded and scored (`reading.reencode`). `golds[j]` (with gold_within): question j's answers,
+        whose best passage among the first gold_within is read when the top k hold none."""
         if self.closed_book:
             return closed_book_loss(self.model, questions, answers, self.mode)
         reach = self.depth is not None and golds is not None and any(golds)
         if not reach and (not rewrites or not any(rewrites)):
             return self.model(questions, answers, mode=self.mode, k=self.k)
-        from latentrag.training.reading import reach_gold, rewrite_passages
+        from latentrag.training.reading import reach_gold, reencode, rewrite_passages
 
         retrieved = (reach_gold(self.model.retrieve(questions, self.depth), self.k, golds) if reach
                      else self.model.retrieve(questions, self.k))
         if rewrites:
-            retrieved.passages = [ps if r is None else rewrite_passages(ps, r)
-                                  for ps, r in zip(retrieved.passages, rewrites, strict=True)]
+            passages = [ps if r is None else rewrite_passages(ps, r)
+                        for ps, r in zip(retrieved.passages, rewrites, strict=True)]
+            if self.rescore:
+                retrieved = reencode(self.model, retrieved, passages)
+            else:
+                retrieved.passages = passages
         return self.model(questions, answers, mode=self.mode, retrieved=retrieved)
 
 
@@ -379,7 +388,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
     random.seed(s.seed)
     torch.manual_seed(s.seed)
     model = build_model(s, index, device)
-    objective = Objective(model, s.mode, s.k, s.closed_book, s.gold_within)
+    objective = Objective(model, s.mode, s.k, s.closed_book, s.gold_within, s.rescore_counterfactuals)
     optimizer, scheduler = _optimizer(model, s, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -395,6 +404,8 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True) 
         atomic_write_text(out / RUN, json.dumps({**record, "data": info, "total_steps": total_steps,
                                                  "world_size": world, "global_batch": global_batch}, indent=2))
         _truncate_log(log_path, step)
+    if s.rescore_counterfactuals:
+        model.document_encoder()  # loaded before DDP wraps the objective that runs it
     wrapped = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
