@@ -55,11 +55,15 @@ ROWS = [
      "passages hold no answer reads its best-ranked one among the first 10 in place of its 3rd); equal steps with it",
      [*READING, "--reading-filter", "--counterfactual", "0.8", "--steps", "600", "--target", "stated",
       "--gold-within", "10"], "runs/gw10/model", 500, ("knowledge-swap-gw10", "knowledge-swap-gw10-coarse")),
+    ("rs", "the shipped default's recipe with its rewritten passages re-encoded and scored as a swapped index scores "
+     "them (`--rescore-counterfactuals`; else they keep the original passages' scores); equal steps with it",
+     [*READING, "--reading-filter", "--counterfactual", "0.8", "--steps", "600", "--target", "stated",
+      "--rescore-counterfactuals"], "runs/rs/model", 500, ("knowledge-swap-rs", "knowledge-swap-rs-coarse")),
 ]
 WRITTEN = "-written"  # swap stems measured with substitutes as the index states them (since commit 355fc94)
 TITLES = "-titles"  # ... and with the passages' titles rewritten with their texts (since commit 2539aab)
 FIRST_ALIAS_SWAPS = "8995a75"  # the last commit whose knowledge_swap.py drew typed substitutes from first aliases
-SWAP_LIMIT = {"long600": 600, "stated600": 600, "cf08": 600, "gw10": 600}  # the shipped default's swap examines more questions, to test at least 100
+SWAP_LIMIT = {"long600": 600, "stated600": 600, "cf08": 600, "gw10": 600, "rs": 600}  # the shipped default's swap examines more questions, to test at least 100
 
 
 def _scores(name: str, dataset: str, limit: int = 300) -> dict | None:
