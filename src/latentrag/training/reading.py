@@ -16,7 +16,8 @@ run without them is the paper's recipe):
   unless `rescore` (`--rescore-counterfactuals`): the rewritten passages are then re-encoded by the frozen
   document tower and scored by the current query tower (`reencode`), as an index holding them would score
   them — the knowledge swap's condition, where a rewrite loses retrieval weight (an entity's name weighs
-  heavily in the document vector) and the marginal, through the query tower, learns to give it back.
+  heavily in the document vector) and the marginal, through the query tower, may learn to give it back
+  (measured with the shipped recipe: it flattened p(z|x) instead, and the swap did not move; docs/training.md).
 * **Gold within reach** (`gold_within`, a depth N > k): a question whose k passages do not hold its answer
   reads instead its best-ranked passage that does, if one is among the first N, in place of its k-th — the
   positive passage of DPR's reader training, here scored by the current tower, so that p(z|x) is renormalised
